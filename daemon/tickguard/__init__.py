@@ -1,0 +1,3 @@
+"""tickguard: guards open trading positions when the market-data feed fails."""
+
+__version__ = "0.1.0"

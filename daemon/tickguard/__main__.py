@@ -1,0 +1,3 @@
+from tickguard.cli import main
+
+raise SystemExit(main())

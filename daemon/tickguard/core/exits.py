@@ -1,0 +1,127 @@
+"""The exit of a position: one record, a small state machine, journalled at every step.
+
+    PENDING --sending--> SENT --filled----> FILLED   (position closed)
+       ^                  |  \\--rejected--> REJECTED (no order exists; position guarded again)
+       |                  \\--unavailable--> RETRY --due--> (reconcile by client order id,
+       |                                                    then SENT again, same id)
+       (decided and journalled before anything is sent)
+
+A RETRY exit keeps its client order id: the broker may have the order
+already, so it is looked up by that id before anything is sent again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+from tickguard.core.positions import ExitReason, Side
+from tickguard.core.prices import PriceSource
+
+# A failed send is retried after 0.5 s, 1 s, 2 s, ... capped here: exits are
+# urgent, but a broker that is down must not be hammered.
+RETRY_INITIAL_DELAY = 0.5
+RETRY_MAX_DELAY = 8.0
+
+
+class ExitState(enum.Enum):
+    PENDING = "pending"  # decided and journalled, not yet handed to the broker
+    SENT = "sent"  # handed to the broker; its answer is not known yet
+    RETRY = "retry"  # the broker was unreachable or timed out: reconcile, then resend
+    FILLED = "filled"  # the broker confirmed the fill: the position is closed
+    REJECTED = "rejected"  # the broker refused: no order exists
+
+    @property
+    def in_flight(self) -> bool:
+        return self in (ExitState.PENDING, ExitState.SENT, ExitState.RETRY)
+
+
+class InvalidTransition(ValueError):
+    """An exit was asked to move along an edge its state machine does not have."""
+
+    def __init__(self, client_order_id: str, state: ExitState, event: str) -> None:
+        super().__init__(client_order_id, state, event)
+        self.client_order_id = client_order_id
+        self.state = state
+        self.event = event
+
+    def __str__(self) -> str:
+        return f"exit {self.client_order_id}: cannot {self.event} while {self.state.value}"
+
+
+def retry_delay(attempts: int) -> float:
+    """Delay before the next send after `attempts` failed ones (bounded exponential)."""
+    return min(RETRY_MAX_DELAY, RETRY_INITIAL_DELAY * 2.0 ** max(0, attempts - 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """One exit order for one position, from decision to fill or refusal."""
+
+    client_order_id: str
+    position_id: int
+    symbol: str
+    side: Side  # the side of the position being closed
+    quantity: float
+    reason: ExitReason
+    price_source: PriceSource
+    trigger_price: float | None  # the price seen when decided (None without any)
+    decided_at: float  # wall-clock epoch seconds, for the journal only
+    state: ExitState = ExitState.PENDING
+    attempts: int = 0  # sends so far
+    retry_at: float | None = None  # monotonic; set in RETRY
+    fill_price: float | None = None
+    broker_order_id: str | None = None
+    detail: str = ""
+
+    def _move(self, event: str, allowed: tuple[ExitState, ...], **changes: object) -> Exit:
+        if self.state not in allowed:
+            raise InvalidTransition(self.client_order_id, self.state, event)
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def sending(self) -> Exit:
+        """Handed to the broker (first send, or a resend after reconciling)."""
+        return self._move(
+            "send",
+            (ExitState.PENDING, ExitState.RETRY),
+            state=ExitState.SENT,
+            attempts=self.attempts + 1,
+            retry_at=None,
+        )
+
+    def filled(self, price: float, broker_order_id: str) -> Exit:
+        """The broker filled it (answered, or found when reconciling)."""
+        return self._move(
+            "fill",
+            (ExitState.PENDING, ExitState.SENT, ExitState.RETRY),
+            state=ExitState.FILLED,
+            fill_price=price,
+            broker_order_id=broker_order_id,
+            retry_at=None,
+            detail="",
+        )
+
+    def rejected(self, detail: str) -> Exit:
+        """The broker refused it; no order exists."""
+        return self._move(
+            "reject",
+            (ExitState.PENDING, ExitState.SENT, ExitState.RETRY),
+            state=ExitState.REJECTED,
+            retry_at=None,
+            detail=detail,
+        )
+
+    def unavailable(self, detail: str, now: float) -> Exit:
+        """The broker could not be reached or timed out: retry later, same id."""
+        return self._move(
+            "retry",
+            (ExitState.PENDING, ExitState.SENT, ExitState.RETRY),
+            state=ExitState.RETRY,
+            retry_at=now + retry_delay(max(1, self.attempts)),
+            detail=detail,
+        )
+
+    def due(self, now: float) -> bool:
+        """Whether a RETRY exit may be reconciled and resent at `now`."""
+        return self.state is ExitState.RETRY and (self.retry_at is None or now >= self.retry_at)

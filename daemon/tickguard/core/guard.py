@@ -1,0 +1,306 @@
+"""The guard: positions, their prices and their exits, decided exactly once.
+
+Pure: every call takes `now` (monotonic seconds) and, where a record needs
+it, `wall` (epoch seconds); every decision comes back as an event for the
+adapter to journal, send and log. A position has at most one exit in flight:
+asking again returns that exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tickguard.core.exits import Exit, ExitState
+from tickguard.core.positions import (
+    ExitReason,
+    Position,
+    PositionState,
+    Trigger,
+    check_triggers,
+)
+from tickguard.core.prices import PriceBook, PriceSource, Quote
+
+# After the broker refuses an automatic exit, the rule that fired it is
+# re-armed after 1 s, 2 s, 4 s, ... up to this; a manual close is never held.
+REJECT_HOLD_INITIAL = 1.0
+REJECT_HOLD_MAX = 60.0
+
+
+class BlindPolicy(enum.Enum):
+    HOLD = "hold"  # raise a flag for health and metrics
+    CLOSE = "close"  # decide one exit with reason `blind`
+
+
+@dataclass(frozen=True, slots=True)
+class ExitDecided:
+    """A new exit: journal it, then send it."""
+
+    exit: Exit
+    position: Position
+    trigger: Trigger | None  # None for blind and manual exits
+    quote: Quote  # the price judged when it was decided
+
+
+@dataclass(frozen=True, slots=True)
+class BlindChanged:
+    """A symbol became blind (no usable price for blind_after, market open) or saw again."""
+
+    symbol: str
+    blind: bool
+    quote: Quote
+
+
+Event = ExitDecided | BlindChanged
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequest:
+    """The answer to a close request: the exit in flight, and whether this call created it."""
+
+    exit: Exit
+    created: bool
+    event: ExitDecided | None
+
+
+class PositionExists(ValueError):
+    def __init__(self, position: Position) -> None:
+        super().__init__(position.symbol)
+        self.position = position
+
+    def __str__(self) -> str:
+        return f"{self.position.symbol} already has a {self.position.state.value} position"
+
+
+@dataclass(slots=True)
+class _Guarded:
+    position: Position
+    since: float  # monotonic: when guarding began (ages a symbol without a price)
+    hold_until: float = 0.0  # no automatic exit before this (after a refusal)
+    unusable_since: float | None = None  # market-open moment it was first seen unusable
+    blind: bool = False
+
+
+class Guard:
+    """Positions being guarded (open or exiting), at most one per symbol."""
+
+    def __init__(
+        self,
+        book: PriceBook,
+        *,
+        blind_policy: BlindPolicy,
+        blind_after: float,
+        install_id: str,
+    ) -> None:
+        self.book = book
+        self.blind_policy = blind_policy
+        self.blind_after = blind_after
+        self.install_id = install_id
+        self._guarded: dict[str, _Guarded] = {}
+        self._exits: dict[str, Exit] = {}  # in flight, by client order id
+        self._market_open_since: float | None = None
+
+    # -- positions ------------------------------------------------------
+
+    def add(self, position: Position, now: float, exit: Exit | None = None) -> None:
+        """Guard `position` (new, or recovered with its unfinished `exit`)."""
+        current = self._guarded.get(position.symbol)
+        if current is not None:
+            raise PositionExists(current.position)
+        if position.state is PositionState.CLOSED:
+            raise ValueError(f"position {position.id} is closed")
+        if (exit is not None) != (position.state is PositionState.EXITING):
+            raise ValueError(f"position {position.id}: exiting iff an exit is given")
+        if exit is not None:
+            if not exit.state.in_flight or exit.client_order_id != position.exit_id:
+                raise ValueError(f"exit {exit.client_order_id} is not in flight for {position.id}")
+            self._exits[exit.client_order_id] = exit
+        self._guarded[position.symbol] = _Guarded(position, now)
+
+    def remove(self, symbol: str) -> Position:
+        """Stop guarding an open position (no order). KeyError if none; ValueError if exiting."""
+        guarded = self._guarded[symbol]
+        if guarded.position.state is not PositionState.OPEN:
+            raise ValueError(f"{symbol} is {guarded.position.state.value}")
+        del self._guarded[symbol]
+        return guarded.position
+
+    def position(self, symbol: str) -> Position | None:
+        guarded = self._guarded.get(symbol)
+        return guarded.position if guarded else None
+
+    def positions(self) -> list[Position]:
+        return [g.position for g in self._guarded.values()]
+
+    def symbols(self) -> list[str]:
+        return list(self._guarded)
+
+    def quote(self, symbol: str, now: float) -> Quote:
+        guarded = self._guarded.get(symbol)
+        return self.book.quote(symbol, now, since=guarded.since if guarded else None)
+
+    def is_blind(self, symbol: str) -> bool:
+        guarded = self._guarded.get(symbol)
+        return guarded is not None and guarded.blind
+
+    # -- evaluation -----------------------------------------------------
+
+    def evaluate(self, symbol: str, now: float, wall: float, market_open: bool) -> list[Event]:
+        """Evaluate one symbol's position (on its tick) against the best usable price."""
+        guarded = self._guarded.get(symbol)
+        if guarded is None:
+            return []
+        self._note_market(now, market_open)
+        return self._evaluate(guarded, now, wall, market_open)
+
+    def sweep(self, now: float, wall: float, market_open: bool) -> list[Event]:
+        """Evaluate every position (the periodic sweep)."""
+        self._note_market(now, market_open)
+        events: list[Event] = []
+        for guarded in list(self._guarded.values()):
+            events.extend(self._evaluate(guarded, now, wall, market_open))
+        return events
+
+    def _note_market(self, now: float, market_open: bool) -> None:
+        if not market_open:
+            self._market_open_since = None
+        elif self._market_open_since is None:
+            self._market_open_since = now
+
+    def _evaluate(
+        self, guarded: _Guarded, now: float, wall: float, market_open: bool
+    ) -> list[Event]:
+        quote = self.book.quote(guarded.position.symbol, now, since=guarded.since)
+        events: list[Event] = list(self._track_blind(guarded, quote, now, market_open))
+        position = guarded.position
+        if position.state is not PositionState.OPEN or now < guarded.hold_until:
+            return events
+        if quote.price is None or not quote.usable:
+            if guarded.blind and self.blind_policy is BlindPolicy.CLOSE:
+                blind_exit = self._decide(
+                    guarded, ExitReason.BLIND, PriceSource.NONE, None, quote, wall
+                )
+                events.append(blind_exit)
+            return events
+        position = guarded.position = position.ratchet(quote.price.value)
+        trigger = check_triggers(position, quote.price.value)
+        if trigger is not None:
+            events.append(self._decide(guarded, trigger.reason, quote.source, trigger, quote, wall))
+        return events
+
+    def _track_blind(
+        self, guarded: _Guarded, quote: Quote, now: float, market_open: bool
+    ) -> Iterable[BlindChanged]:
+        if quote.usable or not market_open:
+            guarded.unusable_since = None
+        elif guarded.unusable_since is None:
+            # blind_after counts from the moment it became unusable, market-open time only.
+            became = now - max(0.0, quote.age - self.book.cache_timeout)
+            if quote.price is None:
+                became = guarded.since
+            opened = self._market_open_since if self._market_open_since is not None else now
+            guarded.unusable_since = max(became, opened)
+        blind = guarded.unusable_since is not None and now - guarded.unusable_since >= self.blind_after
+        if blind != guarded.blind:
+            guarded.blind = blind
+            yield BlindChanged(guarded.position.symbol, blind, quote)
+
+    # -- exits ----------------------------------------------------------
+
+    def _decide(
+        self,
+        guarded: _Guarded,
+        reason: ExitReason,
+        source: PriceSource,
+        trigger: Trigger | None,
+        quote: Quote,
+        wall: float,
+    ) -> ExitDecided:
+        position = guarded.position
+        seq = position.exit_seq + 1
+        client_order_id = f"tg-{self.install_id}-{position.id}-{seq}"
+        exit = Exit(
+            client_order_id=client_order_id,
+            position_id=position.id,
+            symbol=position.symbol,
+            side=position.side,
+            quantity=position.spec.quantity,
+            reason=reason,
+            price_source=source,
+            trigger_price=quote.price.value if quote.price is not None else None,
+            decided_at=wall,
+        )
+        guarded.position = dataclasses.replace(
+            position, state=PositionState.EXITING, exit_seq=seq, exit_id=client_order_id
+        )
+        self._exits[client_order_id] = exit
+        return ExitDecided(exit, guarded.position, trigger, quote)
+
+    def close(self, symbol: str, reason: ExitReason, now: float, wall: float) -> CloseRequest:
+        """A manual close: the exit in flight if there is one, else a new one. KeyError if none."""
+        guarded = self._guarded[symbol]
+        position = guarded.position
+        if position.state is PositionState.EXITING:
+            assert position.exit_id is not None
+            return CloseRequest(self._exits[position.exit_id], False, None)
+        quote = self.book.quote(symbol, now, since=guarded.since)
+        event = self._decide(guarded, reason, PriceSource.MANUAL, None, quote, wall)
+        return CloseRequest(event.exit, True, event)
+
+    def exit(self, client_order_id: str) -> Exit | None:
+        return self._exits.get(client_order_id)
+
+    def exits_in_flight(self) -> list[Exit]:
+        return list(self._exits.values())
+
+    def due_retries(self, now: float) -> list[Exit]:
+        return [e for e in self._exits.values() if e.due(now)]
+
+    def exit_sending(self, client_order_id: str) -> Exit:
+        exit = self._exits[client_order_id] = self._exits[client_order_id].sending()
+        return exit
+
+    def exit_unavailable(self, client_order_id: str, detail: str, now: float) -> Exit:
+        exit = self._exits[client_order_id].unavailable(detail, now)
+        self._exits[client_order_id] = exit
+        return exit
+
+    def exit_filled(
+        self, client_order_id: str, price: float, broker_order_id: str
+    ) -> tuple[Exit, Position]:
+        """The broker filled the exit: the position is closed and no longer guarded."""
+        exit = self._exits.pop(client_order_id).filled(price, broker_order_id)
+        guarded = self._guarded.pop(exit.symbol)
+        position = dataclasses.replace(guarded.position, state=PositionState.CLOSED)
+        return exit, position
+
+    def exit_rejected(
+        self, client_order_id: str, detail: str, now: float
+    ) -> tuple[Exit, Position]:
+        """The broker refused: no order exists, the position is open and guarded again.
+
+        Automatic rules are held for a growing while so a refusing broker is
+        not asked again on every tick.
+        """
+        exit = self._exits.pop(client_order_id).rejected(detail)
+        guarded = self._guarded[exit.symbol]
+        guarded.position = dataclasses.replace(
+            guarded.position, state=PositionState.OPEN, exit_id=None
+        )
+        hold = REJECT_HOLD_INITIAL * 2.0 ** max(0, guarded.position.exit_seq - 1)
+        guarded.hold_until = now + min(REJECT_HOLD_MAX, hold)
+        return exit, guarded.position
+
+
+__all__ = [
+    "BlindChanged",
+    "BlindPolicy",
+    "CloseRequest",
+    "Event",
+    "ExitDecided",
+    "ExitState",
+    "Guard",
+    "PositionExists",
+]

@@ -1,0 +1,177 @@
+"""Positions and their exit triggers: stop-loss, take-profit, trailing stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+
+
+class Side(enum.Enum):
+    LONG = "long"
+    SHORT = "short"
+
+
+class PositionState(enum.Enum):
+    OPEN = "open"
+    EXITING = "exiting"
+    CLOSED = "closed"
+
+
+class ExitReason(enum.Enum):
+    STOP_LOSS = "stop_loss"
+    TAKE_PROFIT = "take_profit"
+    TRAILING_STOP = "trailing_stop"
+    BLIND = "blind"
+    EMERGENCY = "emergency"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldProblem:
+    """A field of a position that fails validation."""
+
+    field: str
+    value: object
+    expected: str
+
+
+@dataclass(frozen=True, slots=True)
+class PositionSpec:
+    """What a user asks to guard (config `[[positions]]` or `POST /api/v1/positions`)."""
+
+    symbol: str
+    side: Side
+    quantity: float
+    entry_price: float
+    stop_loss: float | None = None
+    take_profit: float | None = None
+    trailing_stop: float | None = None
+
+    def problems(self) -> list[FieldProblem]:
+        """Every rule this spec breaks (empty when valid)."""
+        found: list[FieldProblem] = []
+        if not self.symbol or self.symbol != self.symbol.strip():
+            found.append(FieldProblem("symbol", self.symbol, "a non-empty symbol"))
+        for name in ("quantity", "entry_price", "stop_loss", "take_profit", "trailing_stop"):
+            value = getattr(self, name)
+            if value is not None and not _positive(value):
+                found.append(FieldProblem(name, value, "a finite number > 0"))
+        sl, tp = self.stop_loss, self.take_profit
+        if sl is not None and tp is not None and _positive(sl) and _positive(tp):
+            if self.side is Side.LONG and not sl < tp:
+                found.append(
+                    FieldProblem("stop_loss", sl, f"below take_profit ({tp:g}) for a long")
+                )
+            if self.side is Side.SHORT and not sl > tp:
+                found.append(
+                    FieldProblem("stop_loss", sl, f"above take_profit ({tp:g}) for a short")
+                )
+        return found
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A guarded position. Replaced, never mutated, as it changes.
+
+    `trail_anchor` is the most favourable price seen since the position was
+    guarded (highest for a long, lowest for a short), starting at the entry
+    price; the trailing stop sits `trailing_stop` away from it and so only
+    ever tightens. `exit_seq` counts exits decided for this position, so each
+    gets a distinct client order id.
+    """
+
+    id: int
+    spec: PositionSpec
+    state: PositionState = PositionState.OPEN
+    trail_anchor: float | None = None
+    exit_seq: int = 0
+    exit_id: str | None = None  # client order id of the exit in flight or done
+
+    @property
+    def symbol(self) -> str:
+        return self.spec.symbol
+
+    @property
+    def side(self) -> Side:
+        return self.spec.side
+
+    def trailing_level(self) -> float | None:
+        """Where the trailing stop sits now, or None without one."""
+        distance = self.spec.trailing_stop
+        if distance is None:
+            return None
+        anchor = self.spec.entry_price if self.trail_anchor is None else self.trail_anchor
+        return anchor - distance if self.side is Side.LONG else anchor + distance
+
+    def ratchet(self, price: float) -> Position:
+        """The position with its trailing anchor moved to `price` if that is more favourable."""
+        if self.spec.trailing_stop is None:
+            return self
+        anchor = self.spec.entry_price if self.trail_anchor is None else self.trail_anchor
+        better = price > anchor if self.side is Side.LONG else price < anchor
+        if not better and self.trail_anchor is not None:
+            return self
+        return dataclasses.replace(self, trail_anchor=price if better else anchor)
+
+    def pnl(self, exit_price: float) -> float:
+        """(exit - entry) x qty for a long, (entry - exit) x qty for a short."""
+        move = exit_price - self.spec.entry_price
+        if self.side is Side.SHORT:
+            move = -move
+        return round(move * self.spec.quantity, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """An exit condition met by a price: which rule, at what level."""
+
+    reason: ExitReason
+    level: float
+    price: float
+
+    @property
+    def log_tag(self) -> str:
+        return {
+            ExitReason.STOP_LOSS: "SL",
+            ExitReason.TAKE_PROFIT: "TP",
+            ExitReason.TRAILING_STOP: "TRAIL",
+        }.get(self.reason, self.reason.name)
+
+    def describe(self, side: Side) -> str:
+        """E.g. `price 575.00 <= SL 698.25`."""
+        below = (side is Side.LONG) != (self.reason is ExitReason.TAKE_PROFIT)
+        op = "<=" if below else ">="
+        return f"price {self.price:.2f} {op} {self.log_tag} {self.level:.2f}"
+
+
+def check_triggers(position: Position, price: float) -> Trigger | None:
+    """The exit rule `price` meets for `position`, if any.
+
+    Long: SL at price <= SL, trailing at price <= level, TP at price >= TP;
+    short mirrored. When both stops are crossed the tighter one (the one a
+    continuous path would have met first) is reported; SL wins a tie.
+    """
+    spec = position.spec
+    long = position.side is Side.LONG
+
+    def crossed_stop(level: float) -> bool:
+        return price <= level if long else price >= level
+
+    stops: list[Trigger] = []
+    if spec.stop_loss is not None and crossed_stop(spec.stop_loss):
+        stops.append(Trigger(ExitReason.STOP_LOSS, spec.stop_loss, price))
+    trail = position.trailing_level()
+    if trail is not None and crossed_stop(trail):
+        stops.append(Trigger(ExitReason.TRAILING_STOP, trail, price))
+    if stops:
+        # Tighter = higher for a long, lower for a short; max/min keep the first on ties.
+        return max(stops, key=lambda t: t.level) if long else min(stops, key=lambda t: t.level)
+    tp = spec.take_profit
+    if tp is not None and (price >= tp if long else price <= tp):
+        return Trigger(ExitReason.TAKE_PROFIT, tp, price)
+    return None

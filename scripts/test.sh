@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, strict typing of the daemon, then pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/unit -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh --dev
+echo "== ruff"; .venv/bin/ruff check daemon tests
+echo "== mypy --strict"; .venv/bin/mypy --strict daemon/tickguard
+echo "== pytest"; .venv/bin/pytest "$@"

@@ -1,0 +1,73 @@
+"""The exit state machine: legal edges only, bounded retries."""
+
+import pytest
+
+from tickguard.core.exits import (
+    RETRY_MAX_DELAY,
+    Exit,
+    ExitState,
+    InvalidTransition,
+    retry_delay,
+)
+from tickguard.core.positions import ExitReason, Side
+from tickguard.core.prices import PriceSource
+
+
+def exit_() -> Exit:
+    return Exit("tg-x-1-1", 1, "A", Side.LONG, 10, ExitReason.STOP_LOSS, PriceSource.LIVE, 99.0, 0.0)
+
+
+def test_happy_path() -> None:
+    """pending -> sent -> filled records attempts, fill price and broker id."""
+    e = exit_().sending()
+    assert e.state is ExitState.SENT and e.attempts == 1
+    e = e.filled(98.5, "B1")
+    assert e.state is ExitState.FILLED and e.fill_price == 98.5 and e.broker_order_id == "B1"
+    assert not e.state.in_flight
+
+
+def test_unavailable_then_retry_keeps_the_id() -> None:
+    """A timed-out send waits, then is sent again under the same client order id."""
+    e = exit_().sending().unavailable("timeout", now=10.0)
+    assert e.state is ExitState.RETRY and e.retry_at == 10.0 + retry_delay(1)
+    assert not e.due(10.0) and e.due(10.0 + retry_delay(1))
+    e2 = e.sending()
+    assert e2.client_order_id == e.client_order_id and e2.attempts == 2
+
+
+def test_filled_found_while_reconciling_a_retry() -> None:
+    """Reconciliation can find a retrying exit already filled."""
+    e = exit_().sending().unavailable("timeout", 0.0).filled(97.0, "B2")
+    assert e.state is ExitState.FILLED
+
+
+def test_terminal_states_refuse_every_edge() -> None:
+    """Filled and rejected exits cannot be sent, filled or rejected again."""
+    for done in (exit_().sending().filled(1.0, "B"), exit_().sending().rejected("no")):
+        for move in (
+            lambda e: e.sending(),
+            lambda e: e.filled(1.0, "B"),
+            lambda e: e.rejected("x"),
+            lambda e: e.unavailable("x", 0.0),
+        ):
+            with pytest.raises(InvalidTransition, match="cannot"):
+                move(done)
+
+
+def test_sent_cannot_be_sent_again() -> None:
+    """An exit whose answer is unknown is never sent concurrently a second time."""
+    with pytest.raises(InvalidTransition) as info:
+        exit_().sending().sending()
+    assert "while sent" in str(info.value)
+
+
+def test_due_only_in_retry() -> None:
+    """Only a RETRY exit is ever due."""
+    assert not exit_().due(1e9)
+    assert not exit_().sending().due(1e9)
+
+
+def test_retry_delay_is_bounded_exponential() -> None:
+    """Retry delays double from 0.5 s and stop at the cap."""
+    assert [retry_delay(n) for n in (0, 1, 2, 3)] == [0.5, 0.5, 1.0, 2.0]
+    assert retry_delay(100) == RETRY_MAX_DELAY
