@@ -202,7 +202,9 @@ class Guard:
                 became = guarded.since
             opened = self._market_open_since if self._market_open_since is not None else now
             guarded.unusable_since = max(became, opened)
-        blind = guarded.unusable_since is not None and now - guarded.unusable_since >= self.blind_after
+        blind = (
+            guarded.unusable_since is not None and now - guarded.unusable_since >= self.blind_after
+        )
         if blind != guarded.blind:
             guarded.blind = blind
             yield BlindChanged(guarded.position.symbol, blind, quote)
@@ -276,9 +278,7 @@ class Guard:
         position = dataclasses.replace(guarded.position, state=PositionState.CLOSED)
         return exit, position
 
-    def exit_rejected(
-        self, client_order_id: str, detail: str, now: float
-    ) -> tuple[Exit, Position]:
+    def exit_rejected(self, client_order_id: str, detail: str, now: float) -> tuple[Exit, Position]:
         """The broker refused: no order exists, the position is open and guarded again.
 
         Automatic rules are held for a growing while so a refusing broker is

@@ -14,7 +14,9 @@ from tickguard.core.prices import PriceSource
 
 
 def exit_() -> Exit:
-    return Exit("tg-x-1-1", 1, "A", Side.LONG, 10, ExitReason.STOP_LOSS, PriceSource.LIVE, 99.0, 0.0)
+    return Exit(
+        "tg-x-1-1", 1, "A", Side.LONG, 10, ExitReason.STOP_LOSS, PriceSource.LIVE, 99.0, 0.0
+    )
 
 
 def test_happy_path() -> None:

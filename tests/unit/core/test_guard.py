@@ -138,7 +138,7 @@ def test_add_rules() -> None:
     """One position per symbol; closed ones are refused; exiting ones need their exit."""
     g = make()
     g.add(long(), 0.0)
-    with pytest.raises(PositionExists, match="already has an? open"):
+    with pytest.raises(PositionExists, match=r"already has an? open"):
         g.add(long(pid=2), 0.0)
     closed = Position(3, PositionSpec("C", Side.LONG, 1, 1), PositionState.CLOSED)
     with pytest.raises(ValueError, match="closed"):
@@ -262,8 +262,12 @@ class GuardMachine(RuleBasedStateMachine):
     def _clock(self, dt: float) -> None:
         self.now += dt
 
-    @rule(sym=st.sampled_from("ABC"), price=st.floats(80, 120), dt=st.floats(0, 50),
-          source=st.sampled_from([LIVE, POLL]))
+    @rule(
+        sym=st.sampled_from("ABC"),
+        price=st.floats(80, 120),
+        dt=st.floats(0, 50),
+        source=st.sampled_from([LIVE, POLL]),
+    )
     def tick(self, sym: str, price: float, dt: float, source: PriceSource) -> None:
         self._clock(dt)
         self.g.book.update(sym, price, None, source, self.now)
@@ -286,7 +290,7 @@ class GuardMachine(RuleBasedStateMachine):
         else:
             self.g.book.channel_down(LIVE)
 
-    @precondition(lambda self: any(not e.state.name == "SENT" for e in self.g.exits_in_flight()))
+    @precondition(lambda self: any(e.state.name != "SENT" for e in self.g.exits_in_flight()))
     @rule(data=st.data())
     def send(self, data: st.DataObject) -> None:
         ready = [e for e in self.g.exits_in_flight() if e.state is not ExitState.SENT]

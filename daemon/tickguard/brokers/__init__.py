@@ -1,0 +1,1 @@
+"""Broker adapters: the paper broker (embedded default) and real brokers."""

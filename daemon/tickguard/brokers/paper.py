@@ -1,0 +1,85 @@
+"""The paper broker: the embedded default. Fills exits at the last known price.
+
+Fills live in the state store with their client order id, so they survive
+restarts and reconciliation finds them. Like a real broker, it does not
+deduplicate: an order id sent twice is filled twice (and logged as such), so
+paper trading shows a duplicate exit exactly where a real account would.
+
+For tests it can inject latency and a queue of faults, one per call of
+`place_exit`, and run a hook right after it accepted an order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
+from tickguard.errors import BrokerRejected, BrokerUnavailable
+from tickguard.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class PaperFault(enum.Enum):
+    REJECT = "reject"  # refuse the order: nothing is filled
+    UNAVAILABLE = "unavailable"  # act unreachable: nothing is filled
+    LOST_REPLY = "lost_reply"  # fill it, then act as if the reply was lost
+
+
+class PaperBroker:
+    name = "paper"
+
+    def __init__(
+        self,
+        store: Store,
+        price_of: Callable[[str], float | None],
+        *,
+        latency: float = 0.0,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._price_of = price_of
+        self._wall = wall
+        self.latency = latency
+        self.faults: deque[PaperFault] = deque()
+        self.after_accept: Callable[[ExitOrder], Awaitable[None]] | None = None
+
+    async def place_exit(self, order: ExitOrder) -> OrderReport:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        fault = self.faults.popleft() if self.faults else None
+        cid = order.client_order_id
+        if fault is PaperFault.REJECT:
+            raise BrokerRejected(cid, "paper broker: rejected (injected fault)")
+        if fault is PaperFault.UNAVAILABLE:
+            raise BrokerUnavailable(cid, "paper broker: unreachable (injected fault)")
+        price = self._price_of(order.symbol)
+        if price is None:
+            price = order.reference_price
+        if price is None:
+            raise BrokerRejected(cid, f"paper broker: no price known for {order.symbol}")
+        previous = self._store.paper_fill_count(cid)
+        if previous:
+            log.error("paper broker: order id %s filled again (duplicate #%d)", cid, previous + 1)
+        report = OrderReport(cid, f"paper-{cid}-{previous + 1}", OrderStatus.FILLED, price)
+        self._store.record_paper_fill(
+            report, order.symbol, order.transaction, order.quantity, self._wall()
+        )
+        if self.after_accept is not None:
+            await self.after_accept(order)
+        if fault is PaperFault.LOST_REPLY:
+            raise BrokerUnavailable(cid, "paper broker: reply lost (injected fault)")
+        return report
+
+    async def find_order(self, client_order_id: str) -> OrderReport | None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self._store.paper_fill(client_order_id)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,240 @@
+"""Drives decided exits to the broker and back, journalling every step.
+
+One task per exit. The journal is written before each send; a send whose
+outcome is unknown (timeout, unreachable) is followed by a lookup of the
+client order id before anything is sent again, and so is every exit
+recovered after a restart. The client order id never changes within an
+exit, so a broker that has the order already is never asked for a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from tickguard.brokers.base import Broker, ExitOrder, OrderReport, OrderStatus
+from tickguard.core.exits import Exit, ExitState
+from tickguard.core.guard import ExitDecided, Guard
+from tickguard.core.positions import Position
+from tickguard.errors import BrokerRejected, BrokerUnavailable
+from tickguard.store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ORDER_TIMEOUT = 10.0  # seconds for one broker call
+WORKING_POLL_INTERVAL = 1.0  # an accepted but unfilled order is looked up this often
+
+# Test seam: awaited at each step of an exit ("journalled", "answered").
+Checkpoint = Callable[[str, Exit], Awaitable[None]]
+# Told of every exit that settles (filled or rejected) and every failed send.
+Listener = Callable[[Exit, Position | None, float | None], None]
+
+
+class ExitExecutor:
+    def __init__(
+        self,
+        guard: Guard,
+        store: Store,
+        broker: Broker,
+        *,
+        order_timeout: float = DEFAULT_ORDER_TIMEOUT,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        checkpoint: Checkpoint | None = None,
+        listener: Listener | None = None,
+    ) -> None:
+        self.guard = guard
+        self.store = store
+        self.broker = broker
+        self.order_timeout = order_timeout
+        self._monotonic = monotonic
+        self._wall = wall
+        self._checkpoint = checkpoint
+        self._listener = listener
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._first: dict[str, asyncio.Future[Exit]] = {}
+
+    def submit(self, decided: ExitDecided) -> None:
+        """Journal a new exit (durably), then start sending it."""
+        self.store.journal_exit(decided.exit, decided.position, self._wall())
+        self._start(decided.exit.client_order_id, lookup_first=False)
+
+    def resume(self, client_order_id: str) -> None:
+        """Continue an exit recovered from the journal: look it up before any send."""
+        self._start(client_order_id, lookup_first=True)
+
+    def _start(self, client_order_id: str, *, lookup_first: bool) -> None:
+        if client_order_id in self._tasks:
+            return
+        self._first[client_order_id] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            self._drive(client_order_id, lookup_first), name=f"exit {client_order_id}"
+        )
+        self._tasks[client_order_id] = task
+        task.add_done_callback(lambda t: self._done(client_order_id, t))
+
+    def _done(self, client_order_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(client_order_id, None)
+        first = self._first.pop(client_order_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("exit %s: driver crashed", client_order_id, exc_info=task.exception())
+        if first is not None and not first.done():
+            first.cancel()
+
+    async def first_outcome(self, client_order_id: str) -> Exit:
+        """The exit once it is filled, rejected, or its first send failed."""
+        first = self._first.get(client_order_id)
+        if first is None:
+            exit = self.guard.exit(client_order_id)
+            if exit is not None:
+                return exit
+            record = self.store.exit_record(client_order_id)
+            if record is None:
+                raise KeyError(client_order_id)
+            return record.exit
+        return await asyncio.shield(first)
+
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` for exits in flight; True if none is left."""
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        return not self._tasks
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- the driver -----------------------------------------------------
+
+    async def _drive(self, cid: str, lookup: bool) -> None:
+        exit = self._exit(cid)
+        if self._checkpoint is not None:
+            await self._checkpoint("journalled", exit)
+        while True:
+            exit = self._exit(cid)
+            if exit.state is ExitState.RETRY and exit.retry_at is not None:
+                await asyncio.sleep(max(0.0, exit.retry_at - self._monotonic()))
+            if lookup:
+                try:
+                    report = await asyncio.wait_for(self.broker.find_order(cid), self.order_timeout)
+                except (BrokerUnavailable, TimeoutError) as exc:
+                    self._unavailable(cid, f"lookup failed: {_why(exc)}")
+                    continue
+                if report is None:
+                    lookup = False  # the broker has no such order: send it
+                elif report.status is OrderStatus.WORKING:
+                    await asyncio.sleep(WORKING_POLL_INTERVAL)
+                    continue
+                else:
+                    self._settle(cid, report, None)
+                    return
+            exit = self.guard.exit_sending(cid)
+            self.store.update_exit(exit, self._wall())
+            started = self._monotonic()
+            try:
+                report = await asyncio.wait_for(
+                    self.broker.place_exit(_order(exit)), self.order_timeout
+                )
+            except BrokerRejected as exc:
+                self._rejected(cid, exc.detail, None, self._monotonic() - started)
+                return
+            except (BrokerUnavailable, TimeoutError) as exc:
+                self._unavailable(cid, _why(exc))
+                lookup = True
+                continue
+            elapsed = self._monotonic() - started
+            if self._checkpoint is not None:
+                await self._checkpoint("answered", exit)
+            if report.status is OrderStatus.WORKING:
+                lookup = True
+                continue
+            self._settle(cid, report, elapsed)
+            return
+
+    def _exit(self, cid: str) -> Exit:
+        exit = self.guard.exit(cid)
+        if exit is None:
+            raise KeyError(f"exit {cid} is not in flight")
+        return exit
+
+    def _settle(self, cid: str, report: OrderReport, elapsed: float | None) -> None:
+        if report.status is OrderStatus.REJECTED:
+            self._rejected(cid, report.detail or "rejected", report, elapsed)
+            return
+        assert report.fill_price is not None
+        exit, position = self.guard.exit_filled(cid, report.fill_price, report.broker_order_id)
+        self.store.update_exit(exit, self._wall(), report, position)
+        log.info(
+            "[EXIT] %s closed at %.2f, pnl %.2f (%s, %s)",
+            exit.symbol,
+            report.fill_price,
+            position.pnl(report.fill_price),
+            exit.reason.value,
+            exit.price_source.value,
+        )
+        self._resolve(exit, position, elapsed)
+
+    def _rejected(
+        self, cid: str, detail: str, report: OrderReport | None, elapsed: float | None
+    ) -> None:
+        exit, position = self.guard.exit_rejected(cid, detail, self._monotonic())
+        self.store.update_exit(exit, self._wall(), report, position)
+        log.error(
+            "[EXIT] %s exit %s refused by the broker: %s; the position stays guarded",
+            exit.symbol,
+            cid,
+            detail,
+        )
+        self._resolve(exit, position, elapsed)
+
+    def _unavailable(self, cid: str, detail: str) -> None:
+        exit = self.guard.exit_unavailable(cid, detail, self._monotonic())
+        self.store.update_exit(exit, self._wall())
+        log.warning(
+            "[EXIT] %s exit %s: %s; retrying in %.1fs with the same order id",
+            exit.symbol,
+            cid,
+            detail,
+            max(0.0, (exit.retry_at or 0.0) - self._monotonic()),
+        )
+        self._resolve(exit, None, None)
+
+    def _resolve(self, exit: Exit, position: Position | None, elapsed: float | None) -> None:
+        first = self._first.get(exit.client_order_id)
+        if first is not None and not first.done():
+            first.set_result(exit)
+        if self._listener is not None:
+            self._listener(exit, position, elapsed)
+
+
+def _order(exit: Exit) -> ExitOrder:
+    return ExitOrder(
+        exit.client_order_id, exit.symbol, exit.side, exit.quantity, exit.trigger_price
+    )
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return exc.detail if isinstance(exc, BrokerUnavailable) else str(exc)
+
+
+def recover(guard: Guard, store: Store, executor: ExitExecutor, now: float) -> list[Position]:
+    """Load active positions and resume their unfinished exits (lookup before any send)."""
+    exits = {e.client_order_id: e for e in store.unfinished_exits()}
+    positions = store.positions()
+    for position in positions:
+        exit = exits.get(position.exit_id) if position.exit_id else None
+        guard.add(position, now, exit)
+    for cid in exits:
+        if guard.exit(cid) is not None:
+            executor.resume(cid)
+    return positions

@@ -1,0 +1,455 @@
+"""The state store: positions, the exit journal, the audit log, paper fills.
+
+SQLite in WAL mode with `synchronous=FULL`, so a commit is on disk when it
+returns: an exit is journalled (and durable) before it is sent. Used from
+the event loop's thread only; every call is one short transaction.
+
+The schema version lives in `PRAGMA user_version`; `MIGRATIONS[n]` takes a
+database from version n to n+1. A database newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tickguard.brokers.base import OrderReport, OrderStatus
+from tickguard.core.exits import Exit, ExitState
+from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
+from tickguard.core.prices import PriceSource
+from tickguard.errors import StoreError
+
+DB_NAME = "tickguard.sqlite3"
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1: the first schema.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE positions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL CHECK (side IN ('long', 'short')),
+        quantity REAL NOT NULL,
+        entry_price REAL NOT NULL,
+        stop_loss REAL,
+        take_profit REAL,
+        trailing_stop REAL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'exiting', 'closed')),
+        trail_anchor REAL,
+        exit_seq INTEGER NOT NULL DEFAULT 0,
+        exit_id TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX positions_symbol ON positions (symbol, id);
+    -- At most one open or exiting position per symbol, whatever the code does.
+    CREATE UNIQUE INDEX positions_one_active ON positions (symbol) WHERE state != 'closed';
+    CREATE TABLE exits (
+        client_order_id TEXT PRIMARY KEY,
+        position_id INTEGER NOT NULL REFERENCES positions (id),
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL,
+        quantity REAL NOT NULL,
+        reason TEXT NOT NULL,
+        price_source TEXT NOT NULL,
+        trigger_price REAL,
+        decided_at REAL NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        fill_price REAL,
+        pnl REAL,
+        broker_order_id TEXT,
+        detail TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX exits_position ON exits (position_id);
+    -- Every state an exit passed through, with the broker's reply where there was one.
+    CREATE TABLE exit_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        client_order_id TEXT NOT NULL REFERENCES exits (client_order_id),
+        state TEXT NOT NULL,
+        at REAL NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        reply TEXT
+    );
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    -- One row per order the paper broker accepted. Like a real broker it does not
+    -- deduplicate client order ids: a second row for one id is a duplicate exit.
+    CREATE TABLE paper_fills (
+        broker_order_id TEXT PRIMARY KEY,
+        client_order_id TEXT NOT NULL,
+        symbol TEXT NOT NULL,
+        transaction_type TEXT NOT NULL,
+        quantity REAL NOT NULL,
+        price REAL NOT NULL,
+        filled_at REAL NOT NULL
+    );
+    CREATE INDEX paper_fills_client_order_id ON paper_fills (client_order_id);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitRecord:
+    """One row of the exit journal as the API reports it."""
+
+    exit: Exit
+    pnl: float | None
+    updated_at: float
+
+
+class Store:
+    """The daemon's durable state in `<state_dir>/tickguard.sqlite3`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the state store {path}: {exc}") from exc
+        self.install_id = self._install_id()
+
+    @classmethod
+    def in_dir(cls, state_dir: Path) -> Store:
+        return cls(state_dir / DB_NAME)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}; this tickguard knows up to"
+                f" {SCHEMA_VERSION} (downgrade is not supported)"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            with self._tx() as db:
+                for statement in _statements(MIGRATIONS[target]):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target + 1}")
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _install_id(self) -> str:
+        """A random id of this state store: part of every client order id, so ids never
+        repeat across a wiped state directory."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'install_id'").fetchone()
+        if row:
+            return str(row[0])
+        new = secrets.token_hex(3)
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('install_id', ?)", (new,))
+        return new
+
+    # -- positions ------------------------------------------------------
+
+    def add_position(self, spec: PositionSpec, wall: float) -> Position:
+        """Store a new open position; StoreError if the symbol already has an active one."""
+        try:
+            with self._tx() as db:
+                cursor = db.execute(
+                    "INSERT INTO positions (symbol, side, quantity, entry_price, stop_loss,"
+                    " take_profit, trailing_stop, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                    (
+                        spec.symbol,
+                        spec.side.value,
+                        spec.quantity,
+                        spec.entry_price,
+                        spec.stop_loss,
+                        spec.take_profit,
+                        spec.trailing_stop,
+                        wall,
+                        wall,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"{spec.symbol} already has an active position") from exc
+        assert cursor.lastrowid is not None
+        return Position(cursor.lastrowid, spec)
+
+    def save_positions(self, positions: Iterable[Position], wall: float) -> None:
+        """Persist the mutable parts of positions (state, trailing anchor, exit ids)."""
+        with self._tx() as db:
+            for position in positions:
+                _save_position(db, position, wall)
+
+    def delete_position(self, position: Position, wall: float) -> None:
+        """Stop guarding without an order: the row is kept, marked closed."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE positions SET state = 'closed', updated_at = ? WHERE id = ?",
+                (wall, position.id),
+            )
+
+    def positions(self, *, active_only: bool = True) -> list[Position]:
+        sql = "SELECT * FROM positions"
+        if active_only:
+            sql += " WHERE state != 'closed'"
+        return [_position(row) for row in self._rows(sql + " ORDER BY id")]
+
+    def latest_position(self, symbol: str) -> Position | None:
+        rows = self._rows(
+            "SELECT * FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1", symbol
+        )
+        return _position(rows[0]) if rows else None
+
+    def position(self, position_id: int) -> Position | None:
+        rows = self._rows("SELECT * FROM positions WHERE id = ?", position_id)
+        return _position(rows[0]) if rows else None
+
+    # -- the exit journal -----------------------------------------------
+
+    def journal_exit(self, exit: Exit, position: Position, wall: float) -> None:
+        """Record a decided exit and its position's move to exiting, durably, in one commit."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO exits (client_order_id, position_id, symbol, side, quantity, reason,"
+                " price_source, trigger_price, decided_at, state, attempts, detail, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    exit.client_order_id,
+                    exit.position_id,
+                    exit.symbol,
+                    exit.side.value,
+                    exit.quantity,
+                    exit.reason.value,
+                    exit.price_source.value,
+                    exit.trigger_price,
+                    exit.decided_at,
+                    exit.state.value,
+                    exit.attempts,
+                    exit.detail,
+                    wall,
+                ),
+            )
+            _event(db, exit, wall, None)
+            _save_position(db, position, wall)
+
+    def update_exit(
+        self,
+        exit: Exit,
+        wall: float,
+        reply: OrderReport | None = None,
+        position: Position | None = None,
+    ) -> None:
+        """Record an exit's new state (and its position's, when that changed) in one commit."""
+        pnl = None
+        if exit.fill_price is not None and position is not None:
+            pnl = position.pnl(exit.fill_price)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE exits SET state = ?, attempts = ?, fill_price = ?, pnl = COALESCE(?, pnl),"
+                " broker_order_id = ?, detail = ?, updated_at = ? WHERE client_order_id = ?",
+                (
+                    exit.state.value,
+                    exit.attempts,
+                    exit.fill_price,
+                    pnl,
+                    exit.broker_order_id,
+                    exit.detail,
+                    wall,
+                    exit.client_order_id,
+                ),
+            )
+            _event(db, exit, wall, reply)
+            if position is not None:
+                _save_position(db, position, wall)
+
+    def unfinished_exits(self) -> list[Exit]:
+        placeholders = ", ".join("?" for s in ExitState if s.in_flight)
+        rows = self._rows(
+            f"SELECT * FROM exits WHERE state IN ({placeholders}) ORDER BY decided_at",
+            *(s.value for s in ExitState if s.in_flight),
+        )
+        return [_exit(row) for row in rows]
+
+    def exits(self, limit: int = 1000) -> list[ExitRecord]:
+        rows = self._rows("SELECT * FROM exits ORDER BY decided_at DESC, rowid DESC LIMIT ?", limit)
+        return [ExitRecord(_exit(r), r["pnl"], r["updated_at"]) for r in rows]
+
+    def exit_record(self, client_order_id: str) -> ExitRecord | None:
+        rows = self._rows("SELECT * FROM exits WHERE client_order_id = ?", client_order_id)
+        return ExitRecord(_exit(rows[0]), rows[0]["pnl"], rows[0]["updated_at"]) if rows else None
+
+    def exit_events(self, client_order_id: str) -> list[dict[str, object]]:
+        rows = self._rows(
+            "SELECT state, at, detail, reply FROM exit_events WHERE client_order_id = ? ORDER BY id",
+            client_order_id,
+        )
+        return [
+            {
+                "state": r["state"],
+                "at": r["at"],
+                "detail": r["detail"],
+                "reply": json.loads(r["reply"]) if r["reply"] else None,
+            }
+            for r in rows
+        ]
+
+    # -- audit ----------------------------------------------------------
+
+    def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit (at, action, detail) VALUES (?, ?, ?)",
+                (wall, action, json.dumps(detail, sort_keys=True, default=str)),
+            )
+
+    def audit_log(self, limit: int = 100) -> list[dict[str, object]]:
+        rows = self._rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+        return [
+            {"at": r["at"], "action": r["action"], "detail": json.loads(r["detail"])} for r in rows
+        ]
+
+    # -- paper broker fills ---------------------------------------------
+
+    def record_paper_fill(
+        self, report: OrderReport, symbol: str, transaction: str, quantity: float, wall: float
+    ) -> None:
+        """Record an order the paper broker filled."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO paper_fills (broker_order_id, client_order_id, symbol,"
+                " transaction_type, quantity, price, filled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    report.broker_order_id,
+                    report.client_order_id,
+                    symbol,
+                    transaction,
+                    quantity,
+                    report.fill_price,
+                    wall,
+                ),
+            )
+
+    def paper_fill(self, client_order_id: str) -> OrderReport | None:
+        """The first paper fill of a client order id."""
+        rows = self._rows(
+            "SELECT * FROM paper_fills WHERE client_order_id = ? ORDER BY rowid LIMIT 1",
+            client_order_id,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return OrderReport(
+            row["client_order_id"], row["broker_order_id"], OrderStatus.FILLED, row["price"]
+        )
+
+    def paper_fill_count(self, client_order_id: str | None = None) -> int:
+        if client_order_id is None:
+            row = self._db.execute("SELECT COUNT(*) FROM paper_fills").fetchone()
+        else:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM paper_fills WHERE client_order_id = ?", (client_order_id,)
+            ).fetchone()
+        return int(row[0])
+
+    # -- helpers --------------------------------------------------------
+
+    def _rows(self, sql: str, *args: object) -> list[sqlite3.Row]:
+        cursor = self._db.execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        return list(cursor.fetchall())
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (no semicolons inside our statements)."""
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _save_position(db: sqlite3.Connection, position: Position, wall: float) -> None:
+    db.execute(
+        "UPDATE positions SET state = ?, trail_anchor = ?, exit_seq = ?, exit_id = ?,"
+        " updated_at = ? WHERE id = ?",
+        (
+            position.state.value,
+            position.trail_anchor,
+            position.exit_seq,
+            position.exit_id,
+            wall,
+            position.id,
+        ),
+    )
+
+
+def _event(db: sqlite3.Connection, exit: Exit, wall: float, reply: OrderReport | None) -> None:
+    db.execute(
+        "INSERT INTO exit_events (client_order_id, state, at, detail, reply) VALUES (?, ?, ?, ?, ?)",
+        (
+            exit.client_order_id,
+            exit.state.value,
+            wall,
+            exit.detail,
+            json.dumps(reply.as_reply()) if reply is not None else None,
+        ),
+    )
+
+
+def _position(row: sqlite3.Row) -> Position:
+    spec = PositionSpec(
+        symbol=row["symbol"],
+        side=Side(row["side"]),
+        quantity=row["quantity"],
+        entry_price=row["entry_price"],
+        stop_loss=row["stop_loss"],
+        take_profit=row["take_profit"],
+        trailing_stop=row["trailing_stop"],
+    )
+    return Position(
+        id=row["id"],
+        spec=spec,
+        state=PositionState(row["state"]),
+        trail_anchor=row["trail_anchor"],
+        exit_seq=row["exit_seq"],
+        exit_id=row["exit_id"],
+    )
+
+
+def _exit(row: sqlite3.Row) -> Exit:
+    return Exit(
+        client_order_id=row["client_order_id"],
+        position_id=row["position_id"],
+        symbol=row["symbol"],
+        side=Side(row["side"]),
+        quantity=row["quantity"],
+        reason=ExitReason(row["reason"]),
+        price_source=PriceSource(row["price_source"]),
+        trigger_price=row["trigger_price"],
+        decided_at=row["decided_at"],
+        state=ExitState(row["state"]),
+        attempts=row["attempts"],
+        fill_price=row["fill_price"],
+        broker_order_id=row["broker_order_id"],
+        detail=row["detail"],
+    )

@@ -1,0 +1,74 @@
+"""SIGKILL at each step of an exit, restart: exactly one fill per position."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("exit_crash_runner.py")
+
+
+def run_to_completion(state_dir: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return summary
+
+
+def kill_at(state_dir: Path, step: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), str(state_dir), "--pause-at", step],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the runner reaches the step
+        assert line.strip() == f"AT {step}", (line, proc.stderr.read() if proc.stderr else "")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def assert_exactly_once(summary: dict[str, object]) -> None:
+    assert summary["fills"] == 2
+    assert summary["positions"] == {"LONGCO": "closed", "SHORTCO": "closed"}
+    exits = summary["exits"]
+    assert isinstance(exits, list) and len(exits) == 2
+    assert {e["symbol"] for e in exits} == {"LONGCO", "SHORTCO"}
+    assert all(e["state"] == "filled" for e in exits)
+
+
+def test_uninterrupted_run_fills_each_position_once(tmp_path: Path) -> None:
+    """Without a crash both positions close with one fill each."""
+    assert_exactly_once(run_to_completion(tmp_path))
+
+
+@pytest.mark.parametrize("step", ["journalled", "accepted", "answered"])
+def test_sigkill_at_step_then_restart_fills_once(tmp_path: Path, step: str) -> None:
+    """Killed at `step`, the restarted process reconciles by client order id: one fill each."""
+    kill_at(tmp_path, step)
+    summary = run_to_completion(tmp_path)
+    assert_exactly_once(summary)
+    # A further restart finds nothing left to do and sends nothing more.
+    again = run_to_completion(tmp_path)
+    assert again["fills"] == 2 and again["exits"] == summary["exits"]
