@@ -1,0 +1,173 @@
+"""The `tickguard` command line (SPEC section 1).
+
+Each subcommand is a `cmd_*` function taking the parsed arguments and
+returning the exit code. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from tickguard import __version__
+from tickguard.config import load_config, parse_listen
+from tickguard.errors import ConfigError
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # no timestamps: journald adds them
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2  # also: usage errors, and check-config's "invalid"
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever sys.stderr is when a record comes (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_log_handler: logging.Handler | None = None
+
+
+def configure_logging(level: str | int = "info") -> None:
+    """Send log records to stderr, one line each; calling again only changes the level."""
+    global _log_handler  # noqa: PLW0603 - the one handler this process installs
+    root = logging.getLogger()
+    if _log_handler is None:
+        _log_handler = _StderrHandler()
+        _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(_log_handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """`tickguard check-config PATH`: `ok` and 0, or one line per problem and 2."""
+    try:
+        load_config(args.path)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(line)
+        return EXIT_CONFIG
+    print("ok")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`tickguard run [--config PATH]`: 0 clean stop, 2 config error, 1 other fatal error."""
+    return _not_implemented(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`tickguard demo [--duration SECONDS]`."""
+    return _not_implemented(args)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """`tickguard simulate --listen HOST:PORT [--symbols N]` (args.listen is (host, port))."""
+    return _not_implemented(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """`tickguard status [--url URL]`: 0 healthy, 1 degraded, 2 unreachable."""
+    return _not_implemented(args)
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    """`tickguard close SYMBOL [--reason R] [--url URL] [--token-file F]`: 0, 1 or 2."""
+    return _not_implemented(args)
+
+
+def _not_implemented(args: argparse.Namespace) -> int:
+    print(f"tickguard {args.command}: not implemented yet", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {exc}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each subcommand sets `handler` to its `cmd_*` function."""
+    parser = argparse.ArgumentParser(
+        prog="tickguard",
+        description="Guards open trading positions when the market-data feed fails.",
+    )
+    parser.add_argument("--version", action="version", version=f"tickguard {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = command("run", cmd_run, "run the daemon in the foreground")
+    run.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $TICKGUARD_CONFIG, else /etc/tickguard/config.toml)",
+    )
+
+    check = command("check-config", cmd_check_config, "validate a config file")
+    check.add_argument("path", metavar="PATH")
+
+    demo = command("demo", cmd_demo, "simulator + daemon + a scripted feed outage")
+    demo.add_argument("--duration", type=_positive_float, metavar="SECONDS")
+
+    simulate = command("simulate", cmd_simulate, "standalone market simulator")
+    simulate.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT")
+    simulate.add_argument("--symbols", type=_positive_int, metavar="N")
+
+    status = command("status", cmd_status, "print connection health")
+    status.add_argument("--url", metavar="URL", help="API base URL")
+
+    close = command("close", cmd_close, "emergency-close one position")
+    close.add_argument("symbol", metavar="SYMBOL")
+    close.add_argument(
+        "--reason", choices=("stop_loss", "take_profit", "emergency"), default="emergency"
+    )
+    close.add_argument("--url", metavar="URL", help="API base URL")
+    close.add_argument("--token-file", metavar="F", help="file holding the API bearer token")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tickguard` console script and `python -m tickguard`."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("tickguard: error: a command is required", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging()
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)

@@ -1,0 +1,920 @@
+"""Configuration: TOML (SPEC section 2) parsed into frozen dataclasses.
+
+`parse_config` turns the table `tomllib` gives into a `Config`, or raises
+`ConfigError` carrying every problem found, each naming the dotted key, the
+value and what was expected. Unknown keys are problems too. Every default is
+one named constant below; `DEFAULTS` is the same defaults shaped like the
+TOML file, and `packaging/config.example.toml` is tested to parse to exactly
+them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import ipaddress
+import itertools
+import math
+import os
+import re
+import tomllib
+import types
+import zoneinfo
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, TypeVar
+from urllib.parse import urlsplit
+
+from tickguard.core.guard import BlindPolicy
+from tickguard.core.positions import PositionSpec, Side
+from tickguard.errors import ConfigError, ConfigProblem
+
+# Where the config file is looked for when `tickguard run` gets no --config.
+CONFIG_PATH_ENV: Final = "TICKGUARD_CONFIG"
+DEFAULT_CONFIG_PATH: Final = Path("/etc/tickguard/config.toml")
+
+# systemd's StateDirectory= and LoadCredential= hand these to the service.
+STATE_DIRECTORY_ENV: Final = "STATE_DIRECTORY"
+CREDENTIALS_DIRECTORY_ENV: Final = "CREDENTIALS_DIRECTORY"
+TOKEN_CREDENTIAL: Final = "api-token"
+
+# [daemon]
+DEFAULT_STATE_DIR: Final = "/var/lib/tickguard"
+DEFAULT_LOG_LEVEL: Final = "info"
+# [http]
+DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8000"
+DEFAULT_TOKEN_FILE: Final = ""
+# [feed]
+DEFAULT_FEED_PROTOCOL: Final = "json"
+DEFAULT_FEED_URL: Final = ""  # required: the default is there to be rejected
+DEFAULT_FEED_SYMBOLS: Final[tuple[str, ...]] = ()
+DEFAULT_PING_INTERVAL: Final = 5.0
+DEFAULT_PING_TIMEOUT: Final = 5.0
+DEFAULT_SILENCE_TIMEOUT: Final = 10.0
+DEFAULT_FALLBACK_URL: Final = ""
+DEFAULT_POLL_INTERVAL: Final = 1.0
+# [feed.reconnect]
+DEFAULT_INITIAL_DELAY: Final = 0.5
+DEFAULT_MAX_DELAY: Final = 30.0
+DEFAULT_MULTIPLIER: Final = 2.0
+DEFAULT_JITTER: Final = 0.5
+DEFAULT_DNS_CHECK_EVERY: Final = 3
+DEFAULT_STABLE_AFTER: Final = 30.0
+# [dns]
+DEFAULT_DNS_SERVERS: Final[tuple[str, ...]] = ()
+DEFAULT_DNS_FALLBACK_SERVERS: Final[tuple[str, ...]] = ("8.8.8.8", "1.1.1.1", "8.8.4.4", "1.0.0.1")
+DEFAULT_DNS_TIMEOUT: Final = 5.0
+DEFAULT_DNS_PORT: Final = 53
+# [prices]
+DEFAULT_CACHE_TIMEOUT: Final = 300.0
+DEFAULT_STALE_WARNING: Final = 30.0
+# [guard]
+DEFAULT_SWEEP_INTERVAL: Final = 1.0
+DEFAULT_BLIND_POLICY: Final = "hold"
+DEFAULT_BLIND_AFTER: Final = 300.0
+# [market]
+DEFAULT_TIMEZONE: Final = "Asia/Kolkata"
+DEFAULT_SESSIONS: Final[tuple[str, ...]] = ("09:15-15:30",)
+DEFAULT_WEEKDAYS: Final[tuple[str, ...]] = ("mon", "tue", "wed", "thu", "fri")
+DEFAULT_HOLIDAYS: Final[tuple[str, ...]] = ()
+DEFAULT_ALWAYS_OPEN: Final = False
+# [broker]
+DEFAULT_BROKER_KIND: Final = "paper"
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+FEED_PROTOCOLS: Final = ("json", "upstox")
+BROKER_KINDS: Final = ("paper", "upstox")
+WEEKDAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = weekday()
+
+
+def _frozen(table: Mapping[str, object]) -> Mapping[str, object]:
+    return types.MappingProxyType(
+        {k: _frozen(v) if isinstance(v, Mapping) else v for k, v in table.items()}
+    )
+
+
+# The defaults shaped like the TOML file (lists as tuples); the parser knows
+# exactly these keys plus `[[positions]]`, which has no default.
+DEFAULTS: Final[Mapping[str, object]] = _frozen(
+    {
+        "daemon": {"state_dir": DEFAULT_STATE_DIR, "log_level": DEFAULT_LOG_LEVEL},
+        "http": {"listen": DEFAULT_HTTP_LISTEN, "token_file": DEFAULT_TOKEN_FILE},
+        "feed": {
+            "protocol": DEFAULT_FEED_PROTOCOL,
+            "url": DEFAULT_FEED_URL,
+            "symbols": DEFAULT_FEED_SYMBOLS,
+            "ping_interval": DEFAULT_PING_INTERVAL,
+            "ping_timeout": DEFAULT_PING_TIMEOUT,
+            "silence_timeout": DEFAULT_SILENCE_TIMEOUT,
+            "fallback_url": DEFAULT_FALLBACK_URL,
+            "poll_interval": DEFAULT_POLL_INTERVAL,
+            "reconnect": {
+                "initial_delay": DEFAULT_INITIAL_DELAY,
+                "max_delay": DEFAULT_MAX_DELAY,
+                "multiplier": DEFAULT_MULTIPLIER,
+                "jitter": DEFAULT_JITTER,
+                "dns_check_every": DEFAULT_DNS_CHECK_EVERY,
+                "stable_after": DEFAULT_STABLE_AFTER,
+            },
+        },
+        "dns": {
+            "servers": DEFAULT_DNS_SERVERS,
+            "fallback_servers": DEFAULT_DNS_FALLBACK_SERVERS,
+            "timeout": DEFAULT_DNS_TIMEOUT,
+        },
+        "prices": {"cache_timeout": DEFAULT_CACHE_TIMEOUT, "stale_warning": DEFAULT_STALE_WARNING},
+        "guard": {
+            "sweep_interval": DEFAULT_SWEEP_INTERVAL,
+            "blind_policy": DEFAULT_BLIND_POLICY,
+            "blind_after": DEFAULT_BLIND_AFTER,
+        },
+        "market": {
+            "timezone": DEFAULT_TIMEZONE,
+            "sessions": DEFAULT_SESSIONS,
+            "weekdays": DEFAULT_WEEKDAYS,
+            "holidays": DEFAULT_HOLIDAYS,
+            "always_open": DEFAULT_ALWAYS_OPEN,
+        },
+        "broker": {"kind": DEFAULT_BROKER_KIND},
+    }
+)
+
+POSITION_FIELDS: Final = (
+    "symbol",
+    "side",
+    "quantity",
+    "entry_price",
+    "stop_loss",
+    "take_profit",
+    "trailing_stop",
+)
+_REQUIRED_POSITION_FIELDS: Final = frozenset(POSITION_FIELDS[:4])
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    state_dir: Path
+    log_level: str  # one of LOG_LEVELS, lower case
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str  # an IP literal (IPv6 without brackets) or "localhost"
+    port: int  # 0 picks a free port
+    token_file: str  # "" = no token configured (mutating routes answer 503)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectConfig:
+    initial_delay: float
+    max_delay: float
+    multiplier: float
+    jitter: float
+    dns_check_every: int
+    stable_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class FeedConfig:
+    protocol: str
+    url: str
+    symbols: tuple[str, ...]
+    ping_interval: float
+    ping_timeout: float
+    silence_timeout: float
+    fallback_url: str  # "" = no REST fallback
+    poll_interval: float
+    reconnect: ReconnectConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Nameserver:
+    host: str  # an IP literal, normalised (IPv6 without brackets)
+    port: int = DEFAULT_DNS_PORT
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == DEFAULT_DNS_PORT else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    servers: tuple[Nameserver, ...]  # empty = the system resolver
+    fallback_servers: tuple[Nameserver, ...]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class PricesConfig:
+    cache_timeout: float
+    stale_warning: float
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    sweep_interval: float
+    blind_policy: BlindPolicy
+    blind_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class MarketConfig:
+    timezone: str
+    sessions: tuple[tuple[datetime.time, datetime.time], ...]  # sorted, non-overlapping
+    weekdays: frozenset[int]  # 0 = Monday, as datetime.weekday()
+    holidays: frozenset[datetime.date]
+    always_open: bool
+
+    def zone(self) -> zoneinfo.ZoneInfo:
+        """The market's time zone (validated when the config was parsed)."""
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig
+    http: HttpConfig
+    feed: FeedConfig
+    dns: DnsConfig
+    prices: PricesConfig
+    guard: GuardConfig
+    market: MarketConfig
+    broker: BrokerConfig
+    positions: tuple[PositionSpec, ...] = ()
+
+
+class ConfigFileError(ConfigError):
+    """The config file could not be read or is not valid TOML."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(())
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the TOML file at `path`.
+
+    Raises ConfigFileError when it cannot be read or parsed, ConfigError listing
+    every problem when it parses but is invalid.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigFileError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(path, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(path, f"TOML syntax error: {exc}") from exc
+    return parse_config(data, env=env)
+
+
+def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document into a Config, or raise ConfigError with every problem.
+
+    `env` supplies $STATE_DIRECTORY and $CREDENTIALS_DIRECTORY (None: os.environ).
+    """
+    env = os.environ if env is None else env
+    problems: list[ConfigProblem] = []
+    root = _Table(data, "", problems)
+    config = Config(
+        daemon=_daemon(root.table("daemon"), env),
+        http=_http(root.table("http"), env),
+        feed=_feed(root.table("feed")),
+        dns=_dns(root.table("dns")),
+        prices=_prices(root.table("prices")),
+        guard=_guard(root.table("guard")),
+        market=_market(root.table("market")),
+        broker=_broker(root.table("broker")),
+        positions=_positions(root),
+    )
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def default_config(*, env: Mapping[str, str] | None = None) -> Config:
+    """The configuration an empty file would give, were feed.url not required.
+
+    Built straight from the DEFAULT_* constants, not through the parser, so that
+    tests can hold the two against each other.
+    """
+    env = os.environ if env is None else env
+    return Config(
+        daemon=DaemonConfig(_default_state_dir(env), DEFAULT_LOG_LEVEL),
+        http=HttpConfig(*parse_listen(DEFAULT_HTTP_LISTEN), _default_token_file(env)),
+        feed=FeedConfig(
+            protocol=DEFAULT_FEED_PROTOCOL,
+            url=DEFAULT_FEED_URL,
+            symbols=DEFAULT_FEED_SYMBOLS,
+            ping_interval=DEFAULT_PING_INTERVAL,
+            ping_timeout=DEFAULT_PING_TIMEOUT,
+            silence_timeout=DEFAULT_SILENCE_TIMEOUT,
+            fallback_url=DEFAULT_FALLBACK_URL,
+            poll_interval=DEFAULT_POLL_INTERVAL,
+            reconnect=ReconnectConfig(
+                initial_delay=DEFAULT_INITIAL_DELAY,
+                max_delay=DEFAULT_MAX_DELAY,
+                multiplier=DEFAULT_MULTIPLIER,
+                jitter=DEFAULT_JITTER,
+                dns_check_every=DEFAULT_DNS_CHECK_EVERY,
+                stable_after=DEFAULT_STABLE_AFTER,
+            ),
+        ),
+        dns=DnsConfig(
+            servers=tuple(parse_nameserver(s) for s in DEFAULT_DNS_SERVERS),
+            fallback_servers=tuple(parse_nameserver(s) for s in DEFAULT_DNS_FALLBACK_SERVERS),
+            timeout=DEFAULT_DNS_TIMEOUT,
+        ),
+        prices=PricesConfig(DEFAULT_CACHE_TIMEOUT, DEFAULT_STALE_WARNING),
+        guard=GuardConfig(
+            DEFAULT_SWEEP_INTERVAL, BlindPolicy(DEFAULT_BLIND_POLICY), DEFAULT_BLIND_AFTER
+        ),
+        market=MarketConfig(
+            timezone=DEFAULT_TIMEZONE,
+            sessions=tuple(sorted(parse_session(s) for s in DEFAULT_SESSIONS)),
+            weekdays=frozenset(WEEKDAY_NAMES.index(d) for d in DEFAULT_WEEKDAYS),
+            holidays=frozenset(datetime.date.fromisoformat(d) for d in DEFAULT_HOLIDAYS),
+            always_open=DEFAULT_ALWAYS_OPEN,
+        ),
+        broker=BrokerConfig(DEFAULT_BROKER_KIND),
+    )
+
+
+def config_path(
+    explicit: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Path:
+    """Where `tickguard run` reads its config: --config, else $TICKGUARD_CONFIG, else /etc."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return Path(explicit)
+    return Path(env[CONFIG_PATH_ENV]) if env.get(CONFIG_PATH_ENV) else DEFAULT_CONFIG_PATH
+
+
+# ---------------------------------------------------------------------------
+# Value parsers shared with the CLI (they raise ValueError with the expectation)
+
+_LISTEN_EXPECTED: Final = "HOST:PORT with HOST an IP address or localhost and PORT 0-65535"
+_NAMESERVER_EXPECTED: Final = '"IP" or "IP:PORT" (IPv6 as "[IP]:PORT"), PORT 1-65535'
+_SESSION_EXPECTED: Final = '"HH:MM-HH:MM" (24-hour clock) with start before end'
+_SESSION_RE: Final = re.compile(r"(\d\d):(\d\d)-(\d\d):(\d\d)", re.ASCII)
+_PORT_RE: Final = re.compile(r"\d{1,5}", re.ASCII)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` → (host, port); IPv6 as `[::1]:8000`; host an IP literal or `localhost`."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(_LISTEN_EXPECTED)
+    host = _unbracket(host, _LISTEN_EXPECTED)
+    if host != "localhost":
+        host = _ip_literal(host, _LISTEN_EXPECTED)
+    return host, _port(port_text, 0, _LISTEN_EXPECTED)
+
+
+def parse_nameserver(text: str) -> Nameserver:
+    """`IP`, `IP:PORT` or `[IPv6]:PORT` → Nameserver (port 53 when omitted)."""
+    try:
+        return Nameserver(str(ipaddress.ip_address(text)))
+    except ValueError:
+        pass
+    if text.startswith("[") and text.endswith("]"):
+        return Nameserver(_ip_literal(text[1:-1], _NAMESERVER_EXPECTED))
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(_NAMESERVER_EXPECTED)
+    host = _ip_literal(_unbracket(host, _NAMESERVER_EXPECTED), _NAMESERVER_EXPECTED)
+    return Nameserver(host, _port(port_text, 1, _NAMESERVER_EXPECTED))
+
+
+def parse_session(text: str) -> tuple[datetime.time, datetime.time]:
+    """`"09:15-15:30"` → (start, end), start strictly before end."""
+    match = _SESSION_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(_SESSION_EXPECTED)
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    try:
+        start, end = datetime.time(h1, m1), datetime.time(h2, m2)
+    except ValueError:
+        raise ValueError(_SESSION_EXPECTED) from None
+    if not start < end:
+        raise ValueError(_SESSION_EXPECTED)
+    return start, end
+
+
+def _unbracket(host: str, expected: str) -> str:
+    if host.startswith("[") or host.endswith("]"):
+        if not (host.startswith("[") and host.endswith("]") and ":" in host):
+            raise ValueError(expected)
+        return host[1:-1]
+    if ":" in host:  # a bare IPv6 address needs brackets before :PORT
+        raise ValueError(expected)
+    return host
+
+
+def _ip_literal(host: str, expected: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(expected) from None
+
+
+def _port(text: str, lowest: int, expected: str) -> int:
+    if _PORT_RE.fullmatch(text) is None or not lowest <= int(text) <= 65535:
+        raise ValueError(expected)
+    return int(text)
+
+
+# ---------------------------------------------------------------------------
+# The table walker: collects problems, remembers which keys were read
+
+
+class _Missing:
+    """Marks an absent required key; shown as <missing> in messages."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING: Final = _Missing()
+
+
+class _Table:
+    """One TOML table being read: its dotted path, the keys used, the problems found."""
+
+    def __init__(self, data: Mapping[str, object], path: str, problems: list[ConfigProblem]):
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.used: set[str] = set()
+        self.bad: set[str] = set()
+        self.children: list[_Table] = []
+
+    def dotted(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, default: object) -> object:
+        self.used.add(key)
+        return self.data.get(key, default)
+
+    def problem(self, key: str, value: object, expected: str) -> None:
+        """Record a problem with `key` (or with an item of it, `key[3]`)."""
+        self.bad.add(key.partition("[")[0])
+        self.problems.append(ConfigProblem(self.dotted(key), value, expected))
+
+    def ok(self, *keys: str) -> bool:
+        """Whether none of these keys had a problem (cross-field checks need valid parts)."""
+        return not self.bad.intersection(keys)
+
+    def table(self, key: str) -> _Table:
+        value = self.get(key, {})
+        if not isinstance(value, Mapping):
+            self.problem(key, value, "a table")
+            value = {}
+        child = _Table(value, self.dotted(key), self.problems)
+        self.children.append(child)
+        return child
+
+    def finish(self) -> None:
+        """Report every key nobody read, here and in the sub-tables."""
+        known = sorted(self.used)
+        for key, value in self.data.items():
+            if key not in self.used:
+                self.problem(key, value, _unknown_key_expectation(key, known))
+        for child in self.children:
+            child.finish()
+
+
+def _unknown_key_expectation(key: str, known: Sequence[str]) -> str:
+    where = f"one of the known keys ({', '.join(known)})" if known else "no keys here"
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"{where}; did you mean {close[0]!r}?" if close else where
+
+
+_SECONDS: Final = "a finite number of seconds > 0"
+
+
+def _number(
+    t: _Table, key: str, default: float, expected: str, valid: Callable[[float], bool]
+) -> float:
+    value = t.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        t.problem(key, value, expected)
+        return default
+    number = float(value)
+    if not (math.isfinite(number) and valid(number)):
+        t.problem(key, value, expected)
+        return default
+    return number
+
+
+def _seconds(t: _Table, key: str, default: float) -> float:
+    return _number(t, key, default, _SECONDS, lambda x: x > 0)
+
+
+def _seconds_or_zero(t: _Table, key: str, default: float) -> float:
+    return _number(t, key, default, "a finite number of seconds >= 0", lambda x: x >= 0)
+
+
+def _string(t: _Table, key: str, default: str, expected: str = "a string") -> str:
+    value = t.get(key, default)
+    if not isinstance(value, str):
+        t.problem(key, value, expected)
+        return default
+    return value
+
+
+def _choice(t: _Table, key: str, default: str, choices: Sequence[str]) -> str:
+    expected = "one of " + " | ".join(repr(c) for c in choices)
+    value = _string(t, key, default, expected)
+    if value not in choices:
+        t.problem(key, value, expected)
+        return default
+    return value
+
+
+def _bool(t: _Table, key: str, default: bool) -> bool:
+    value = t.get(key, default)
+    if not isinstance(value, bool):
+        t.problem(key, value, "true or false")
+        return default
+    return value
+
+
+def _items(
+    t: _Table, key: str, default: Sequence[object], expected: str
+) -> Iterator[tuple[str, object]]:
+    """(dotted key, item) for each item of an array; a non-array is one problem."""
+    value = t.get(key, default)
+    if not isinstance(value, list | tuple):
+        t.problem(key, value, f"an array of {expected}")
+        return
+    for i, item in enumerate(value):
+        yield f"{key}[{i}]", item
+
+
+_T = TypeVar("_T")
+
+
+def _string_list(
+    t: _Table, key: str, default: Sequence[str], expected: str, convert: Callable[[str], _T]
+) -> list[tuple[str, str, _T]]:
+    """Each item of an array of strings as (key, text, converted value); bad and repeated
+    items are problems and left out."""
+    found: list[tuple[str, str, _T]] = []
+    seen: dict[_T, str] = {}
+    for item_key, item in _items(t, key, default, expected):
+        if not isinstance(item, str):
+            t.problem(item_key, item, expected)
+            continue
+        try:
+            converted = convert(item)
+        except ValueError:
+            t.problem(item_key, item, expected)
+            continue
+        if converted in seen:
+            t.problem(item_key, item, f"no repeat of {t.dotted(seen[converted])}")
+            continue
+        seen[converted] = item_key
+        found.append((item_key, item, converted))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# The sections
+
+
+def _default_state_dir(env: Mapping[str, str]) -> Path:
+    # systemd joins several StateDirectory= entries with ':'; ours is the first.
+    from_env = env.get(STATE_DIRECTORY_ENV, "").split(":")[0]
+    return Path(from_env or DEFAULT_STATE_DIR)
+
+
+def _default_token_file(env: Mapping[str, str]) -> str:
+    credentials = env.get(CREDENTIALS_DIRECTORY_ENV, "")
+    if credentials:
+        candidate = Path(credentials) / TOKEN_CREDENTIAL
+        if candidate.is_file():
+            return str(candidate)
+    return DEFAULT_TOKEN_FILE
+
+
+def _daemon(t: _Table, env: Mapping[str, str]) -> DaemonConfig:
+    expected = "a non-empty directory path"
+    text = _string(t, "state_dir", "", expected)
+    if text.strip():
+        state_dir = Path(text)
+    else:
+        state_dir = _default_state_dir(env)
+        if "state_dir" in t.data and t.ok("state_dir"):
+            t.problem("state_dir", text, expected)
+    return DaemonConfig(
+        state_dir=state_dir, log_level=_choice(t, "log_level", DEFAULT_LOG_LEVEL, LOG_LEVELS)
+    )
+
+
+def _http(t: _Table, env: Mapping[str, str]) -> HttpConfig:
+    listen = _string(t, "listen", DEFAULT_HTTP_LISTEN, _LISTEN_EXPECTED)
+    try:
+        host, port = parse_listen(listen)
+    except ValueError:
+        t.problem("listen", listen, _LISTEN_EXPECTED)
+        host, port = parse_listen(DEFAULT_HTTP_LISTEN)
+    token_file = _string(t, "token_file", DEFAULT_TOKEN_FILE, 'a file path, or "" for none')
+    return HttpConfig(host=host, port=port, token_file=token_file or _default_token_file(env))
+
+
+def _url(t: _Table, key: str, default: str, schemes: Sequence[str], *, required: bool) -> str:
+    expected = "a URL with a host, starting " + " or ".join(f"{s}://" for s in schemes)
+    expected = f"{expected} (required)" if required else f'{expected}, or "" for none'
+    value = _string(t, key, default, expected)
+    if not t.ok(key) or (not value and not required):
+        return value
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in schemes and bool(parts.hostname)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        valid = False
+    if not valid:
+        t.problem(key, _redacted(value), expected)
+        return default
+    return value
+
+
+def _redacted(url: str) -> str:
+    """The URL without a password or query, which may carry credentials (SPEC section 6)."""
+    url = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
+    base, sep, _ = url.partition("?")
+    return f"{base}?***" if sep else base
+
+
+def _symbol(text: str) -> str:
+    if not text or text != text.strip():
+        raise ValueError(text)
+    return text
+
+
+def _feed(t: _Table) -> FeedConfig:
+    symbols = _string_list(
+        t,
+        "symbols",
+        DEFAULT_FEED_SYMBOLS,
+        "non-empty symbol strings without spaces around",
+        _symbol,
+    )
+    return FeedConfig(
+        protocol=_choice(t, "protocol", DEFAULT_FEED_PROTOCOL, FEED_PROTOCOLS),
+        url=_url(t, "url", DEFAULT_FEED_URL, ("ws", "wss"), required=True),
+        symbols=tuple(text for _, text, _ in symbols),
+        ping_interval=_seconds(t, "ping_interval", DEFAULT_PING_INTERVAL),
+        ping_timeout=_seconds(t, "ping_timeout", DEFAULT_PING_TIMEOUT),
+        silence_timeout=_seconds(t, "silence_timeout", DEFAULT_SILENCE_TIMEOUT),
+        fallback_url=_url(
+            t, "fallback_url", DEFAULT_FALLBACK_URL, ("http", "https"), required=False
+        ),
+        poll_interval=_seconds(t, "poll_interval", DEFAULT_POLL_INTERVAL),
+        reconnect=_reconnect(t.table("reconnect")),
+    )
+
+
+def _reconnect(t: _Table) -> ReconnectConfig:
+    dns_check_every = t.get("dns_check_every", DEFAULT_DNS_CHECK_EVERY)
+    if (
+        isinstance(dns_check_every, bool)
+        or not isinstance(dns_check_every, int)
+        or dns_check_every < 1
+    ):
+        t.problem("dns_check_every", dns_check_every, "a whole number >= 1")
+        dns_check_every = DEFAULT_DNS_CHECK_EVERY
+    config = ReconnectConfig(
+        initial_delay=_seconds(t, "initial_delay", DEFAULT_INITIAL_DELAY),
+        max_delay=_seconds(t, "max_delay", DEFAULT_MAX_DELAY),
+        multiplier=_number(
+            t, "multiplier", DEFAULT_MULTIPLIER, "a finite number >= 1", lambda x: x >= 1
+        ),
+        jitter=_number(
+            t, "jitter", DEFAULT_JITTER, "a fraction from 0 to 1", lambda x: 0 <= x <= 1
+        ),
+        dns_check_every=dns_check_every,
+        stable_after=_seconds_or_zero(t, "stable_after", DEFAULT_STABLE_AFTER),
+    )
+    _check_max_delay(t, config)
+    return config
+
+
+def _check_max_delay(t: _Table, config: ReconnectConfig) -> None:
+    """The backoff cap cannot be below the first delay."""
+    if t.ok("initial_delay", "max_delay") and config.max_delay < config.initial_delay:
+        t.problem(
+            "max_delay",
+            config.max_delay,
+            f">= {t.dotted('initial_delay')} ({config.initial_delay:g})",
+        )
+
+
+def _dns(t: _Table) -> DnsConfig:
+    def servers(key: str, default: Sequence[str]) -> tuple[Nameserver, ...]:
+        found = _string_list(t, key, default, _NAMESERVER_EXPECTED, parse_nameserver)
+        return tuple(ns for _, _, ns in found)
+
+    return DnsConfig(
+        servers=servers("servers", DEFAULT_DNS_SERVERS),
+        fallback_servers=servers("fallback_servers", DEFAULT_DNS_FALLBACK_SERVERS),
+        timeout=_seconds(t, "timeout", DEFAULT_DNS_TIMEOUT),
+    )
+
+
+def _prices(t: _Table) -> PricesConfig:
+    config = PricesConfig(
+        cache_timeout=_seconds(t, "cache_timeout", DEFAULT_CACHE_TIMEOUT),
+        stale_warning=_seconds(t, "stale_warning", DEFAULT_STALE_WARNING),
+    )
+    _check_cache_outlives_stale(t, config)
+    return config
+
+
+def _check_cache_outlives_stale(t: _Table, config: PricesConfig) -> None:
+    """A price turns stale before it turns unusable, never after."""
+    if t.ok("cache_timeout", "stale_warning") and config.cache_timeout < config.stale_warning:
+        t.problem(
+            "cache_timeout",
+            config.cache_timeout,
+            f">= {t.dotted('stale_warning')} ({config.stale_warning:g})",
+        )
+
+
+def _guard(t: _Table) -> GuardConfig:
+    policy = _choice(t, "blind_policy", DEFAULT_BLIND_POLICY, [p.value for p in BlindPolicy])
+    return GuardConfig(
+        sweep_interval=_seconds(t, "sweep_interval", DEFAULT_SWEEP_INTERVAL),
+        blind_policy=BlindPolicy(policy),
+        blind_after=_seconds_or_zero(t, "blind_after", DEFAULT_BLIND_AFTER),
+    )
+
+
+def _timezone(t: _Table) -> str:
+    expected = 'an IANA time zone name such as "Asia/Kolkata"'
+    name = _string(t, "timezone", DEFAULT_TIMEZONE, expected)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        t.problem("timezone", name, expected)
+        return DEFAULT_TIMEZONE
+    return name
+
+
+def _weekday(text: str) -> int:
+    return WEEKDAY_NAMES.index(text)  # ValueError when unknown
+
+
+def _holidays(t: _Table) -> frozenset[datetime.date]:
+    expected = 'dates "YYYY-MM-DD"'
+    found: dict[datetime.date, str] = {}
+    for key, item in _items(t, "holidays", DEFAULT_HOLIDAYS, expected):
+        day: datetime.date | None = None
+        if isinstance(item, datetime.date) and not isinstance(item, datetime.datetime):
+            day = item  # a bare TOML date
+        elif isinstance(item, str) and re.fullmatch(r"\d{4}-\d\d-\d\d", item, re.ASCII):
+            try:
+                day = datetime.date.fromisoformat(item)
+            except ValueError:
+                day = None
+        if day is None:
+            t.problem(key, item, 'a date "YYYY-MM-DD"')
+        elif day in found:
+            t.problem(key, item, f"no repeat of {t.dotted(found[day])}")
+        else:
+            found[day] = key
+    return frozenset(found)
+
+
+def _market(t: _Table) -> MarketConfig:
+    sessions = _string_list(t, "sessions", DEFAULT_SESSIONS, _SESSION_EXPECTED, parse_session)
+    weekdays = _string_list(t, "weekdays", DEFAULT_WEEKDAYS, " | ".join(WEEKDAY_NAMES), _weekday)
+    config = MarketConfig(
+        timezone=_timezone(t),
+        sessions=tuple(sorted(s for _, _, s in sessions)),
+        weekdays=frozenset(d for _, _, d in weekdays),
+        holidays=_holidays(t),
+        always_open=_bool(t, "always_open", DEFAULT_ALWAYS_OPEN),
+    )
+    _check_sessions_disjoint(t, sessions)
+    _check_market_opens(t, config)
+    return config
+
+
+_Session = tuple[datetime.time, datetime.time]
+
+
+def _check_sessions_disjoint(t: _Table, sessions: Sequence[tuple[str, str, _Session]]) -> None:
+    """Two sessions of one day may touch but not overlap."""
+    ordered = sorted(sessions, key=lambda s: s[2])
+    for (prev_key, prev_text, prev), (key, text, this) in itertools.pairwise(ordered):
+        if this[0] < prev[1]:
+            expected = f"a session not overlapping {t.dotted(prev_key)} ({prev_text!r})"
+            t.problem(key, text, expected)
+
+
+def _check_market_opens(t: _Table, config: MarketConfig) -> None:
+    """Unless always open, the market needs at least one session and one weekday."""
+    if config.always_open:
+        return
+    for key, value in (("sessions", config.sessions), ("weekdays", config.weekdays)):
+        if not value and t.ok(key):
+            t.problem(key, [], "at least one entry unless market.always_open = true")
+
+
+def _broker(t: _Table) -> BrokerConfig:
+    return BrokerConfig(kind=_choice(t, "kind", DEFAULT_BROKER_KIND, BROKER_KINDS))
+
+
+def _positions(root: _Table) -> tuple[PositionSpec, ...]:
+    value = root.get("positions", [])
+    if not isinstance(value, list):
+        root.problem("positions", value, "an array of tables [[positions]]")
+        return ()
+    specs: list[PositionSpec] = []
+    seen: dict[str, str] = {}
+    for i, entry in enumerate(value):
+        key = f"positions[{i}]"
+        if not isinstance(entry, Mapping):
+            root.problem(key, entry, "a table with " + ", ".join(POSITION_FIELDS))
+            continue
+        table = _Table(entry, key, root.problems)
+        spec = _position(table)
+        table.finish()
+        if spec is None:
+            continue
+        if spec.symbol in seen:
+            table.problem(
+                "symbol", spec.symbol, f"a symbol not already used by {seen[spec.symbol]}"
+            )
+            continue
+        seen[spec.symbol] = key
+        specs.append(spec)
+    return tuple(specs)
+
+
+def _position(t: _Table) -> PositionSpec | None:
+    """The entry as a PositionSpec, or None when it has problems (all of them recorded)."""
+    fields: dict[str, object] = {}
+    for name in POSITION_FIELDS:
+        value = t.get(name, _MISSING)
+        if value is _MISSING:
+            if name in _REQUIRED_POSITION_FIELDS:
+                t.problem(name, value, _POSITION_EXPECTED[name])
+        elif _POSITION_TYPE_OK[name](value):
+            fields[name] = float(value) if isinstance(value, int) else value
+        else:
+            t.problem(name, value, _POSITION_EXPECTED[name])
+    if t.bad:
+        return None
+    spec = PositionSpec(
+        symbol=str(fields.pop("symbol")),
+        side=Side(fields.pop("side")),
+        **fields,  # type: ignore[arg-type]
+    )
+    for problem in spec.problems():
+        t.problem(problem.field, problem.value, problem.expected)
+    return None if t.bad else spec
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_POSITION_EXPECTED: Final = {
+    "symbol": "a non-empty symbol string",
+    "side": "'long' or 'short'",
+    "quantity": "a finite number > 0",
+    "entry_price": "a finite price > 0",
+    "stop_loss": "a finite price > 0",
+    "take_profit": "a finite price > 0",
+    "trailing_stop": "a finite distance in price units > 0",
+}
+_POSITION_TYPE_OK: Final[Mapping[str, Callable[[object], bool]]] = {
+    "symbol": lambda v: isinstance(v, str),
+    "side": lambda v: v in {s.value for s in Side},
+    "quantity": _is_number,
+    "entry_price": _is_number,
+    "stop_loss": _is_number,
+    "take_profit": _is_number,
+    "trailing_stop": _is_number,
+}

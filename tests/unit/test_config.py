@@ -1,0 +1,672 @@
+"""Configuration parsing and validation (SPEC section 2)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import ipaddress
+import math
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tickguard import config as cfg
+from tickguard.config import (
+    DEFAULTS,
+    BlindPolicy,
+    Config,
+    ConfigFileError,
+    Nameserver,
+    config_path,
+    default_config,
+    load_config,
+    parse_config,
+    parse_listen,
+    parse_nameserver,
+    parse_session,
+)
+from tickguard.core.positions import PositionSpec, Side
+from tickguard.errors import ConfigError, ConfigProblem
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "config.example.toml"
+EXAMPLE_URL = "wss://feed.example.com/ws"
+URL = "wss://feed.test/ws"
+NO_ENV: Mapping[str, str] = {}
+
+
+def build(**overrides: object) -> dict[str, object]:
+    """A config table with feed.url set plus `overrides`, keyed by dotted path (`__` for `.`)."""
+    data: dict[str, object] = {"feed": {"url": URL}}
+    for dotted, value in overrides.items():
+        *tables, key = dotted.split("__")
+        node = data
+        for name in tables:
+            child = node.setdefault(name, {})
+            assert isinstance(child, dict)
+            node = child
+        node[key] = value
+    return data
+
+
+def with_key(dotted: str, value: object) -> dict[str, object]:
+    """A config with feed.url set and one dotted key set to `value`."""
+    return build(**{dotted.replace(".", "__"): value})
+
+
+def problems(data: Mapping[str, object], env: Mapping[str, str] = NO_ENV) -> list[ConfigProblem]:
+    """The problems parse_config reports for `data` (empty when it is valid)."""
+    try:
+        parse_config(data, env=env)
+    except ConfigError as exc:
+        assert exc.problems, "a ConfigError must carry at least one problem"
+        return list(exc.problems)
+    return []
+
+
+def only_problem(data: Mapping[str, object]) -> ConfigProblem:
+    """The single problem `data` has; fails when it has none or several."""
+    found = problems(data)
+    assert len(found) == 1, [str(p) for p in found]
+    return found[0]
+
+
+def with_url(config: Config, url: str) -> Config:
+    return dataclasses.replace(config, feed=dataclasses.replace(config.feed, url=url))
+
+
+# --- defaults and the example file ---------------------------------------------------------
+
+
+def test_example_parses_to_exactly_the_defaults() -> None:
+    """packaging/config.example.toml gives the DEFAULT_* values, feed.url aside."""
+    assert load_config(EXAMPLE, env=NO_ENV) == with_url(default_config(env=NO_ENV), EXAMPLE_URL)
+
+
+def test_example_defers_to_state_directory(tmp_path: Path) -> None:
+    """The example leaves state_dir to $STATE_DIRECTORY, as the default does."""
+    env = {"STATE_DIRECTORY": str(tmp_path)}
+    loaded = load_config(EXAMPLE, env=env)
+    assert loaded.daemon.state_dir == tmp_path
+    assert loaded == with_url(default_config(env=env), EXAMPLE_URL)
+
+
+def _flat_keys(table: Mapping[str, object], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _example_keys() -> dict[str, int]:
+    """Each key the example sets, plus the commented-out state_dir, dotted, with its line index."""
+    table, found = "", {}
+    for i, line in enumerate(EXAMPLE.read_text().splitlines()):
+        header = re.fullmatch(r"\[([a-z_.]+)\]", line)
+        key = re.match(r"([a-z_]+) = |# (state_dir) = ", line)
+        if header:
+            table = header.group(1) + "."
+        elif key:
+            found[table + (key.group(1) or key.group(2))] = i
+    return found
+
+
+def test_example_documents_every_key() -> None:
+    """Every key the parser knows appears in the example, right below a comment line."""
+    lines = EXAMPLE.read_text().splitlines()
+    keys = _example_keys()
+    assert sorted(keys) == sorted(_flat_keys(DEFAULTS))
+    for key, index in keys.items():
+        above = lines[index - 1]
+        assert above.startswith("# ") and not re.match(r"# [a-z_]+ = ", above), key
+
+
+def test_defaults_table_matches_default_config() -> None:
+    """DEFAULTS, fed to the parser (with a url), gives default_config(): one set of defaults."""
+    data = copy.deepcopy(_plain(DEFAULTS))
+    data["feed"]["url"] = URL
+    assert parse_config(data, env=NO_ENV) == with_url(default_config(env=NO_ENV), URL)
+
+
+def _plain(table: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """DEFAULTS as nested dicts with lists, the shape tomllib returns."""
+
+    def convert(value: object) -> object:
+        if isinstance(value, Mapping):
+            return {k: convert(v) for k, v in value.items()}
+        return list(value) if isinstance(value, tuple) else value
+
+    result = convert(table)
+    assert isinstance(result, dict)
+    return result
+
+
+def test_minimal_config_is_the_defaults() -> None:
+    """A file holding only feed.url gives the defaults for everything else."""
+    assert parse_config(build(), env=NO_ENV) == with_url(default_config(env=NO_ENV), URL)
+
+
+def test_default_values_spelled_out() -> None:
+    """The defaults are SPEC section 2's numbers, not just self-consistent."""
+    d = default_config(env=NO_ENV)
+    assert (d.http.host, d.http.port, d.http.token_file) == ("127.0.0.1", 8000, "")
+    assert d.daemon == cfg.DaemonConfig(Path("/var/lib/tickguard"), "info")
+    assert d.feed.reconnect == cfg.ReconnectConfig(0.5, 30.0, 2.0, 0.5, 3, 30.0)
+    assert (d.feed.ping_interval, d.feed.ping_timeout, d.feed.silence_timeout) == (5.0, 5.0, 10.0)
+    assert (d.feed.protocol, d.feed.symbols, d.feed.fallback_url) == ("json", (), "")
+    assert d.feed.poll_interval == 1.0
+    assert [str(ns) for ns in d.dns.fallback_servers] == [
+        "8.8.8.8",
+        "1.1.1.1",
+        "8.8.4.4",
+        "1.0.0.1",
+    ]
+    assert (d.dns.servers, d.dns.timeout) == ((), 5.0)
+    assert d.prices == cfg.PricesConfig(cache_timeout=300.0, stale_warning=30.0)
+    assert d.guard == cfg.GuardConfig(1.0, BlindPolicy.HOLD, 300.0)
+    assert d.market.sessions == ((datetime.time(9, 15), datetime.time(15, 30)),)
+    assert d.market.weekdays == frozenset(range(5))
+    assert (d.market.timezone, d.market.holidays, d.market.always_open) == (
+        "Asia/Kolkata",
+        frozenset(),
+        False,
+    )
+    assert d.broker.kind == "paper"
+    assert d.positions == ()
+
+
+def test_config_is_frozen() -> None:
+    """Config values cannot be changed after parsing."""
+    config = parse_config(build(), env=NO_ENV)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.feed.url = "wss://elsewhere/ws"  # type: ignore[misc]
+
+
+def test_market_zone_loads() -> None:
+    """MarketConfig.zone() is the configured zoneinfo time zone."""
+    market = parse_config(with_key("market.timezone", "Europe/London"), env=NO_ENV).market
+    assert market.zone() == zoneinfo.ZoneInfo("Europe/London")
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def test_state_dir_from_environment() -> None:
+    """Without daemon.state_dir, $STATE_DIRECTORY (its first entry) is the state directory."""
+    env = {"STATE_DIRECTORY": "/run/state/a:/run/state/b"}
+    assert parse_config(build(), env=env).daemon.state_dir == Path("/run/state/a")
+
+
+def test_state_dir_in_config_beats_environment() -> None:
+    """An explicit daemon.state_dir wins over $STATE_DIRECTORY."""
+    config = parse_config(with_key("daemon.state_dir", "/srv/tg"), env={"STATE_DIRECTORY": "/x"})
+    assert config.daemon.state_dir == Path("/srv/tg")
+
+
+def test_token_file_from_credentials_directory(tmp_path: Path) -> None:
+    """With no token_file, $CREDENTIALS_DIRECTORY/api-token is used when that file exists."""
+    (tmp_path / "api-token").write_text("secret\n")
+    config = parse_config(build(), env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.http.token_file == str(tmp_path / "api-token")
+
+
+def test_token_file_absent_credential_means_none(tmp_path: Path) -> None:
+    """A credentials directory without api-token leaves the token unconfigured."""
+    config = parse_config(build(), env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.http.token_file == ""
+
+
+def test_token_file_in_config_beats_credentials(tmp_path: Path) -> None:
+    """An explicit http.token_file wins over the systemd credential."""
+    (tmp_path / "api-token").write_text("secret\n")
+    data = with_key("http.token_file", "/etc/tickguard/token")
+    config = parse_config(data, env={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert config.http.token_file == "/etc/tickguard/token"
+
+
+def test_config_path_resolution() -> None:
+    """--config, else $TICKGUARD_CONFIG, else /etc/tickguard/config.toml."""
+    env = {"TICKGUARD_CONFIG": "/env/c.toml"}
+    assert config_path("/cli/c.toml", env) == Path("/cli/c.toml")
+    assert config_path(None, env) == Path("/env/c.toml")
+    assert config_path(None, {}) == Path("/etc/tickguard/config.toml")
+
+
+# --- accepted values -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "attribute", "parsed"),
+    [
+        ("feed.ping_interval", 3, "feed.ping_interval", 3.0),
+        ("feed.reconnect.jitter", 0, "feed.reconnect.jitter", 0.0),
+        ("feed.reconnect.jitter", 1.0, "feed.reconnect.jitter", 1.0),
+        ("feed.reconnect.multiplier", 1, "feed.reconnect.multiplier", 1.0),
+        ("feed.reconnect.stable_after", 0, "feed.reconnect.stable_after", 0.0),
+        ("guard.blind_after", 0.0, "guard.blind_after", 0.0),
+        ("guard.blind_policy", "close", "guard.blind_policy", BlindPolicy.CLOSE),
+        ("http.listen", "0.0.0.0:0", "http.port", 0),
+        ("http.listen", "[::1]:8080", "http.host", "::1"),
+        ("http.listen", "localhost:65535", "http.host", "localhost"),
+        ("feed.url", "ws://127.0.0.1:9000/ws", "feed.url", "ws://127.0.0.1:9000/ws"),
+        ("feed.fallback_url", "https://api.test/p", "feed.fallback_url", "https://api.test/p"),
+        ("feed.symbols", ["BOSCHLTD", "ADANIENT"], "feed.symbols", ("BOSCHLTD", "ADANIENT")),
+        ("feed.protocol", "upstox", "feed.protocol", "upstox"),
+        ("broker.kind", "upstox", "broker.kind", "upstox"),
+        ("daemon.log_level", "debug", "daemon.log_level", "debug"),
+        ("market.weekdays", ["sun", "sat"], "market.weekdays", frozenset({5, 6})),
+        (
+            "market.holidays",
+            ["2026-01-26", datetime.date(2026, 3, 4)],
+            "market.holidays",
+            frozenset({datetime.date(2026, 1, 26), datetime.date(2026, 3, 4)}),
+        ),
+        (
+            "market.sessions",
+            ["13:00-15:30", "09:15-13:00"],
+            "market.sessions",
+            (
+                (datetime.time(9, 15), datetime.time(13, 0)),
+                (datetime.time(13, 0), datetime.time(15, 30)),
+            ),
+        ),
+        (
+            "dns.servers",
+            ["9.9.9.9", "10.0.0.1:5353", "[::1]:5353", "2001:db8::1", "[fe80::1]"],
+            "dns.servers",
+            (
+                Nameserver("9.9.9.9"),
+                Nameserver("10.0.0.1", 5353),
+                Nameserver("::1", 5353),
+                Nameserver("2001:db8::1", 53),
+                Nameserver("fe80::1", 53),
+            ),
+        ),
+        ("dns.fallback_servers", [], "dns.fallback_servers", ()),
+    ],
+)
+def test_accepted_value(dotted: str, value: object, attribute: str, parsed: object) -> None:
+    """A valid value parses to the expected typed value."""
+    node: object = parse_config(with_key(dotted, value), env=NO_ENV)
+    for name in attribute.split("."):
+        node = getattr(node, name)
+    assert node == parsed
+
+
+def test_empty_sessions_fine_when_always_open() -> None:
+    """An always-open market needs no sessions or weekdays."""
+    data = build(market__always_open=True, market__sessions=[], market__weekdays=[])
+    assert parse_config(data, env=NO_ENV).market.always_open is True
+
+
+# --- rejected values -----------------------------------------------------------------------
+
+BROKEN: list[tuple[str, object, str, object]] = [
+    # (dotted key set, value, key named in the problem, value named in the problem)
+    ("daemon", 3, "daemon", 3),
+    ("daemon.state_dir", "", "daemon.state_dir", ""),
+    ("daemon.state_dir", 5, "daemon.state_dir", 5),
+    ("daemon.log_level", "verbose", "daemon.log_level", "verbose"),
+    ("daemon.log_level", "INFO", "daemon.log_level", "INFO"),
+    ("http.listen", "127.0.0.1", "http.listen", "127.0.0.1"),
+    ("http.listen", "127.0.0.1:70000", "http.listen", "127.0.0.1:70000"),
+    ("http.listen", "127.0.0.1:", "http.listen", "127.0.0.1:"),
+    ("http.listen", "127.0.0.1:+80", "http.listen", "127.0.0.1:+80"),
+    ("http.listen", "example.com:80", "http.listen", "example.com:80"),
+    ("http.listen", "::1:8000", "http.listen", "::1:8000"),
+    ("http.listen", "[127.0.0.1]:80", "http.listen", "[127.0.0.1]:80"),
+    ("http.listen", 8000, "http.listen", 8000),
+    ("http.token_file", 3, "http.token_file", 3),
+    ("http.port", 8000, "http.port", 8000),
+    ("feed.protocol", "fix", "feed.protocol", "fix"),
+    ("feed.url", "", "feed.url", ""),
+    ("feed.url", "http://feed.test/ws", "feed.url", "http://feed.test/ws"),
+    ("feed.url", "wss://", "feed.url", "wss://"),
+    ("feed.url", "wss://feed.test:99999/ws", "feed.url", "wss://feed.test:99999/ws"),
+    ("feed.url", 42, "feed.url", 42),
+    ("feed.fallback_url", "ftp://x.test/", "feed.fallback_url", "ftp://x.test/"),
+    ("feed.fallback_url", "https://", "feed.fallback_url", "https://"),
+    ("feed.symbols", "BOSCHLTD", "feed.symbols", "BOSCHLTD"),
+    ("feed.symbols", ["A", "B", "A"], "feed.symbols[2]", "A"),
+    ("feed.symbols", ["A", ""], "feed.symbols[1]", ""),
+    ("feed.symbols", [" A"], "feed.symbols[0]", " A"),
+    ("feed.symbols", [7], "feed.symbols[0]", 7),
+    ("feed.ping_interval", 0, "feed.ping_interval", 0),
+    ("feed.ping_interval", -1.5, "feed.ping_interval", -1.5),
+    ("feed.ping_interval", math.inf, "feed.ping_interval", math.inf),
+    ("feed.ping_interval", True, "feed.ping_interval", True),
+    ("feed.ping_interval", "5", "feed.ping_interval", "5"),
+    ("feed.ping_timeout", 0.0, "feed.ping_timeout", 0.0),
+    ("feed.silence_timeout", -10, "feed.silence_timeout", -10),
+    ("feed.poll_interval", 0, "feed.poll_interval", 0),
+    ("feed.reconnect", 5, "feed.reconnect", 5),
+    ("feed.reconnect.initial_delay", 0, "feed.reconnect.initial_delay", 0),
+    ("feed.reconnect.max_delay", -1, "feed.reconnect.max_delay", -1),
+    ("feed.reconnect.multiplier", 0.5, "feed.reconnect.multiplier", 0.5),
+    ("feed.reconnect.jitter", 1.5, "feed.reconnect.jitter", 1.5),
+    ("feed.reconnect.jitter", -0.1, "feed.reconnect.jitter", -0.1),
+    ("feed.reconnect.dns_check_every", 0, "feed.reconnect.dns_check_every", 0),
+    ("feed.reconnect.dns_check_every", 2.5, "feed.reconnect.dns_check_every", 2.5),
+    ("feed.reconnect.dns_check_every", True, "feed.reconnect.dns_check_every", True),
+    ("feed.reconnect.stable_after", -1, "feed.reconnect.stable_after", -1),
+    ("feed.reconect", {"x": 1}, "feed.reconect", {"x": 1}),
+    ("dns.servers", ["dns.google"], "dns.servers[0]", "dns.google"),
+    ("dns.servers", ["8.8.8.8:0"], "dns.servers[0]", "8.8.8.8:0"),
+    ("dns.servers", ["8.8.8.8", "8.8.8.8:53"], "dns.servers[1]", "8.8.8.8:53"),
+    ("dns.servers", ["[8.8.8.8]:53"], "dns.servers[0]", "[8.8.8.8]:53"),
+    ("dns.fallback_servers", "8.8.8.8", "dns.fallback_servers", "8.8.8.8"),
+    ("dns.timeout", 0, "dns.timeout", 0),
+    ("prices.stale_warning", 0, "prices.stale_warning", 0),
+    ("prices.cache_timeout", math.nan, "prices.cache_timeout", math.nan),
+    ("guard.sweep_interval", 0, "guard.sweep_interval", 0),
+    ("guard.blind_policy", "panic", "guard.blind_policy", "panic"),
+    ("guard.blind_after", -1, "guard.blind_after", -1),
+    ("market.timezone", "Mars/Olympus", "market.timezone", "Mars/Olympus"),
+    ("market.timezone", "", "market.timezone", ""),
+    ("market.timezone", "../../etc/passwd", "market.timezone", "../../etc/passwd"),
+    ("market.sessions", ["9:15-15:30"], "market.sessions[0]", "9:15-15:30"),
+    ("market.sessions", ["15:30-09:15"], "market.sessions[0]", "15:30-09:15"),
+    ("market.sessions", ["10:00-10:00"], "market.sessions[0]", "10:00-10:00"),
+    ("market.sessions", ["09:15-24:00"], "market.sessions[0]", "09:15-24:00"),
+    ("market.sessions", ["09:60-10:00"], "market.sessions[0]", "09:60-10:00"),
+    ("market.sessions", ["०९:१५-१५:३०"], "market.sessions[0]", "०९:१५-१५:३०"),
+    ("market.weekdays", ["monday"], "market.weekdays[0]", "monday"),
+    ("market.weekdays", ["mon", "mon"], "market.weekdays[1]", "mon"),
+    ("market.holidays", ["2026-02-30"], "market.holidays[0]", "2026-02-30"),
+    ("market.holidays", ["26-01-2026"], "market.holidays[0]", "26-01-2026"),
+    ("market.holidays", ["20260126"], "market.holidays[0]", "20260126"),
+    (
+        "market.holidays",
+        [datetime.datetime(2026, 1, 26, 9, 0)],
+        "market.holidays[0]",
+        datetime.datetime(2026, 1, 26, 9, 0),
+    ),
+    (
+        "market.holidays",
+        ["2026-01-26", datetime.date(2026, 1, 26)],
+        "market.holidays[1]",
+        datetime.date(2026, 1, 26),
+    ),
+    ("market.always_open", "yes", "market.always_open", "yes"),
+    ("broker.kind", "zerodha", "broker.kind", "zerodha"),
+    ("broker.api_key", "k", "broker.api_key", "k"),
+    ("position", [{}], "position", [{}]),
+    ("positions", {"symbol": "A"}, "positions", {"symbol": "A"}),
+]
+
+
+@pytest.mark.parametrize(("dotted", "value", "key", "shown"), BROKEN)
+def test_rejected_value(dotted: str, value: object, key: str, shown: object) -> None:
+    """An invalid value is one problem naming its dotted key and the value."""
+    problem = only_problem(with_key(dotted, value))
+    assert problem.key == key
+    if isinstance(shown, float) and math.isnan(shown):
+        assert isinstance(problem.value, float) and math.isnan(problem.value)
+    else:
+        assert problem.value == shown
+    assert problem.expected
+
+
+def test_problem_line_names_key_value_and_expectation() -> None:
+    """The printed form of a problem is one line with key, value and expectation."""
+    problem = only_problem(with_key("feed.reconnect.jitter", 1.5))
+    assert str(problem) == "feed.reconnect.jitter: 1.5 is invalid; expected a fraction from 0 to 1"
+
+
+def test_missing_url_is_a_problem() -> None:
+    """feed.url is required: an empty document is invalid and says so."""
+    problem = only_problem({})
+    assert (problem.key, problem.value) == ("feed.url", "")
+    assert "ws://" in problem.expected and "required" in problem.expected
+
+
+def test_unknown_key_suggests_the_close_one() -> None:
+    """A misspelt key is named and the known key it resembles is suggested."""
+    problem = only_problem(with_key("feed.reconnect.intial_delay", 1.0))
+    assert problem.key == "feed.reconnect.intial_delay"
+    assert "did you mean 'initial_delay'?" in problem.expected
+
+
+def test_unknown_key_lists_keys_not_given() -> None:
+    """The known keys offered for a typo include ones the file did not set."""
+    problem = only_problem(with_key("daemon.state_dr", "/x"))
+    assert "did you mean 'state_dir'?" in problem.expected
+
+
+def test_url_credentials_are_not_echoed() -> None:
+    """A rejected URL is shown without its password or query string."""
+    problem = only_problem(with_key("feed.url", "https://user:hunter2@feed.test/ws?token=abc123"))
+    assert "hunter2" not in str(problem) and "abc123" not in str(problem)
+    assert "feed.test" in str(problem)
+
+
+def test_every_problem_reported_at_once() -> None:
+    """parse_config lists all problems, not just the first."""
+    data = build(
+        daemon__log_level="loud",
+        feed__ping_interval=-1,
+        dns__timeout=0,
+        market__timezone="Nowhere/Else",
+        broker__kind="x",
+    )
+    keys = [p.key for p in problems(data)]
+    assert sorted(keys) == sorted(
+        ["daemon.log_level", "feed.ping_interval", "dns.timeout", "market.timezone", "broker.kind"]
+    )
+
+
+# --- cross-field checks --------------------------------------------------------------------
+
+
+def test_max_delay_below_initial_delay() -> None:
+    """feed.reconnect.max_delay must be at least initial_delay."""
+    problem = only_problem(build(feed__reconnect={"initial_delay": 10, "max_delay": 5}))
+    assert (problem.key, problem.value) == ("feed.reconnect.max_delay", 5.0)
+    assert "feed.reconnect.initial_delay" in problem.expected
+
+
+def test_max_delay_equal_to_initial_delay_is_fine() -> None:
+    """A constant backoff (max_delay == initial_delay) is valid."""
+    config = parse_config(build(feed__reconnect={"initial_delay": 2, "max_delay": 2}), env=NO_ENV)
+    assert config.feed.reconnect.max_delay == 2.0
+
+
+def test_cache_timeout_below_stale_warning() -> None:
+    """prices.cache_timeout below stale_warning is rejected, naming both keys."""
+    problem = only_problem(build(prices__cache_timeout=10))
+    assert (problem.key, problem.value) == ("prices.cache_timeout", 10.0)
+    assert "prices.stale_warning" in problem.expected
+
+
+def test_cross_check_skipped_when_a_part_is_invalid() -> None:
+    """An invalid part reports itself only, not a second confusing cross-field problem."""
+    found = problems(build(prices__cache_timeout=10, prices__stale_warning=-1))
+    assert [p.key for p in found] == ["prices.stale_warning"]
+
+
+def test_overlapping_sessions() -> None:
+    """Two sessions that overlap are rejected, naming the later one and the earlier."""
+    problem = only_problem(with_key("market.sessions", ["09:15-12:00", "11:00-15:30"]))
+    assert (problem.key, problem.value) == ("market.sessions[1]", "11:00-15:30")
+    assert "market.sessions[0]" in problem.expected
+
+
+@pytest.mark.parametrize("key", ["sessions", "weekdays"])
+def test_market_that_never_opens(key: str) -> None:
+    """Without always_open, empty sessions or weekdays (a market never open) is rejected."""
+    problem = only_problem(with_key(f"market.{key}", []))
+    assert (problem.key, problem.value) == (f"market.{key}", [])
+
+
+# --- positions -----------------------------------------------------------------------------
+
+LONG = {"symbol": "BOSCHLTD", "side": "long", "quantity": 38, "entry_price": 735.0}
+
+
+def test_positions_parse() -> None:
+    """[[positions]] entries become PositionSpecs, ints accepted as numbers."""
+    entries = [
+        {**LONG, "stop_loss": 698.25, "take_profit": 800, "trailing_stop": 20},
+        {"symbol": "ADANIENT", "side": "short", "quantity": 5, "entry_price": 100},
+    ]
+    config = parse_config(build(positions=entries), env=NO_ENV)
+    assert config.positions == (
+        PositionSpec("BOSCHLTD", Side.LONG, 38.0, 735.0, 698.25, 800.0, 20.0),
+        PositionSpec("ADANIENT", Side.SHORT, 5.0, 100.0),
+    )
+
+
+def test_stop_on_profit_side_is_valid() -> None:
+    """A long's stop above its entry (a locked-in profit) is valid, as SPEC says."""
+    entry = {**LONG, "stop_loss": 750.0, "take_profit": 800.0}
+    assert parse_config(build(positions=[entry]), env=NO_ENV).positions[0].stop_loss == 750.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "shown"),
+    [
+        ({"stop_loss": 820.0, "take_profit": 800.0}, "positions[0].stop_loss", 820.0),
+        (
+            {"side": "short", "stop_loss": 700.0, "take_profit": 800.0},
+            "positions[0].stop_loss",
+            700.0,
+        ),
+        ({"quantity": 0}, "positions[0].quantity", 0.0),
+        ({"quantity": True}, "positions[0].quantity", True),
+        ({"entry_price": -1}, "positions[0].entry_price", -1.0),
+        ({"entry_price": "735"}, "positions[0].entry_price", "735"),
+        ({"trailing_stop": 0}, "positions[0].trailing_stop", 0.0),
+        ({"take_profit": math.inf}, "positions[0].take_profit", math.inf),
+        ({"side": "buy"}, "positions[0].side", "buy"),
+        ({"symbol": ""}, "positions[0].symbol", ""),
+        ({"symbol": 5}, "positions[0].symbol", 5),
+        ({"sl": 700.0}, "positions[0].sl", 700.0),
+    ],
+)
+def test_rejected_position(changes: dict[str, object], key: str, shown: object) -> None:
+    """A bad [[positions]] field is named positions[i].field with its value."""
+    problem = only_problem(build(positions=[{**LONG, **changes}]))
+    assert (problem.key, problem.value) == (key, shown)
+
+
+def test_position_missing_field() -> None:
+    """A missing required position field is named and shown as <missing>."""
+    entry = {k: v for k, v in LONG.items() if k != "side"}
+    problem = only_problem(build(positions=[entry]))
+    assert problem.key == "positions[0].side"
+    assert str(problem).startswith("positions[0].side: <missing> is invalid; expected")
+
+
+def test_position_entry_not_a_table() -> None:
+    """An entry of positions that is not a table is named by its index."""
+    problem = only_problem(build(positions=[LONG, "BOSCHLTD"]))
+    assert (problem.key, problem.value) == ("positions[1]", "BOSCHLTD")
+
+
+def test_two_positions_on_one_symbol() -> None:
+    """Two config positions on one symbol are an error on the second."""
+    problem = only_problem(build(positions=[LONG, {**LONG, "side": "short"}]))
+    assert (problem.key, problem.value) == ("positions[1].symbol", "BOSCHLTD")
+    assert "positions[0]" in problem.expected
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+
+def test_parse_listen_brackets_ipv6() -> None:
+    """parse_listen splits HOST:PORT and unwraps a bracketed IPv6 host."""
+    assert parse_listen("[::]:0") == ("::", 0)
+    assert parse_listen("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen("127.0.0.1")
+
+
+def test_parse_session_bounds() -> None:
+    """A session runs from its start to its end on one day."""
+    assert parse_session("00:00-23:59") == (datetime.time(0, 0), datetime.time(23, 59))
+    with pytest.raises(ValueError, match="HH:MM-HH:MM"):
+        parse_session("09:15 - 15:30")
+
+
+@given(
+    ip=st.ip_addresses(),
+    port=st.integers(min_value=1, max_value=65535),
+)
+def test_nameserver_round_trips(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> None:
+    """str(Nameserver) parses back to the same nameserver, for any IP and port."""
+    server = Nameserver(str(ip), port)
+    assert parse_nameserver(str(server)) == server
+
+
+@given(seconds=st.floats(min_value=0, exclude_min=True, allow_infinity=False))
+def test_any_positive_interval_accepted(seconds: float) -> None:
+    """Every finite positive number of seconds is kept exactly."""
+    config = parse_config(with_key("guard.sweep_interval", seconds), env=NO_ENV)
+    assert config.guard.sweep_interval == seconds
+
+
+@given(
+    seconds=st.one_of(
+        st.floats(max_value=0),
+        st.just(math.inf),
+        st.just(math.nan),
+        st.integers(max_value=0),
+    )
+)
+def test_any_non_positive_interval_rejected(seconds: float) -> None:
+    """Zero, negative, infinite or NaN seconds are rejected, naming the key."""
+    problem = only_problem(with_key("guard.sweep_interval", seconds))
+    assert problem.key == "guard.sweep_interval"
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_load_config_reads_toml(tmp_path: Path) -> None:
+    """load_config parses a TOML file, bare TOML dates included."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[feed]\nurl = "{URL}"\n[market]\nholidays = [2026-01-26]\n')
+    config = load_config(path, env=NO_ENV)
+    assert config.market.holidays == frozenset({datetime.date(2026, 1, 26)})
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"[feed\nurl = 1\n", "TOML syntax error"),
+        (b'[feed]\nurl = "\xff"\n', "not UTF-8"),
+    ],
+)
+def test_load_config_bad_file(tmp_path: Path, content: bytes, reason: str) -> None:
+    """An unparsable file is a ConfigFileError naming the file and why."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigFileError) as caught:
+        load_config(path, env=NO_ENV)
+    assert str(caught.value).startswith(f"{path}: {reason}")
+    assert isinstance(caught.value, ConfigError)
+
+
+def test_load_config_missing_file(tmp_path: Path) -> None:
+    """A missing file is a ConfigFileError saying it cannot be read."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigFileError, match="cannot read"):
+        load_config(path, env=NO_ENV)
+
+
+def test_example_is_valid_toml_without_the_parser() -> None:
+    """The example is plain TOML whose tables are exactly the known sections."""
+    with EXAMPLE.open("rb") as file:
+        data = tomllib.load(file)
+    assert sorted(data) == sorted(DEFAULTS)
