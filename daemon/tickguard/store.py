@@ -96,6 +96,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX paper_fills_client_order_id ON paper_fills (client_order_id);
     """,
+    # 1 -> 2: last-known-good addresses of the feed's hosts (DNS fallback).
+    """
+    CREATE TABLE dns_cache (
+        host TEXT PRIMARY KEY,
+        addresses TEXT NOT NULL,
+        resolved_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -373,6 +381,25 @@ class Store:
                 "SELECT COUNT(*) FROM paper_fills WHERE client_order_id = ?", (client_order_id,)
             ).fetchone()
         return int(row[0])
+
+    # -- last-known-good addresses ---------------------------------------
+
+    def remember_addresses(self, host: str, addresses: list[str], wall: float) -> None:
+        """Keep the addresses `host` last resolved to (for when every resolver fails)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO dns_cache (host, addresses, resolved_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET addresses = excluded.addresses,"
+                " resolved_at = excluded.resolved_at",
+                (host, json.dumps(addresses), wall),
+            )
+
+    def known_addresses(self, host: str) -> tuple[list[str], float] | None:
+        """The last-known-good addresses of `host` and when they were resolved."""
+        rows = self._rows("SELECT addresses, resolved_at FROM dns_cache WHERE host = ?", host)
+        if not rows:
+            return None
+        return [str(a) for a in json.loads(rows[0]["addresses"])], float(rows[0]["resolved_at"])
 
     # -- helpers --------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""The `json` feed protocol v1 (SPEC section 3): for custom feeds and the simulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+
+from tickguard.feed import protocol as p
+
+
+class JsonProtocol:
+    name = "json"
+
+    def subscribe_frames(self, symbols: Sequence[str]) -> list[str | bytes]:
+        return [json.dumps({"op": "subscribe", "symbols": list(symbols)})]
+
+    def add_frames(self, symbols: Sequence[str], added: Sequence[str]) -> list[str | bytes]:
+        # A json-protocol subscribe names the whole set.
+        return self.subscribe_frames(symbols)
+
+    def decode(self, frame: str | bytes, known: Collection[str]) -> p.Decoded:
+        out = p.Decoded()
+        if isinstance(frame, bytes):
+            out.errors.append(p.BINARY)
+            return out
+        try:
+            message = json.loads(frame, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            out.errors.append(p.NOT_JSON)
+            return out
+        if not isinstance(message, dict):
+            out.errors.append(p.NOT_OBJECT)
+            return out
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            out.errors.append(p.NO_TYPE)
+        elif kind == "heartbeat":
+            out.heartbeat = True
+        elif kind == "tick":
+            _entry(message, known, out)
+        elif kind == "ticks":
+            entries = message.get("ticks")
+            if not isinstance(entries, list):
+                out.errors.append(p.NOT_OBJECT)
+            else:
+                for entry in entries:
+                    _entry(entry, known, out)
+        # any other type is ignored (SPEC 3)
+        return out
+
+
+def _reject_constant(name: str) -> float:
+    # NaN, Infinity and -Infinity are not JSON numbers: refuse them as bad prices
+    # rather than let them through as floats.
+    return float("nan")
+
+
+def _entry(entry: object, known: Collection[str], out: p.Decoded) -> None:
+    if not isinstance(entry, dict):
+        out.errors.append(p.NOT_OBJECT)
+        return
+    symbol = entry.get("symbol")
+    if not isinstance(symbol, str) or not symbol:
+        out.errors.append(p.NO_SYMBOL)
+        return
+    price = p.valid_price(entry.get("price"))
+    if price is None:
+        out.errors.append(p.BAD_PRICE)
+        return
+    ok, ts = p.valid_timestamp(entry.get("ts"))
+    if not ok:
+        out.errors.append(p.BAD_TIMESTAMP)
+        return
+    if symbol not in known:
+        out.errors.append(p.UNKNOWN_SYMBOL)
+        return
+    out.ticks.append(p.Tick(symbol, price, ts))
+
+
+def decode_poll(body: object, known: Collection[str]) -> p.Decoded:
+    """The REST fallback's answer: `{"prices": {"A": {"price": 1.0, "ts": 1767765256123}}}`."""
+    out = p.Decoded()
+    prices = body.get("prices") if isinstance(body, dict) else None
+    if not isinstance(prices, dict):
+        out.errors.append(p.NOT_OBJECT)
+        return out
+    for symbol, entry in prices.items():
+        if isinstance(entry, dict):
+            _entry({"symbol": symbol, **entry}, known, out)
+        else:
+            out.errors.append(p.NOT_OBJECT)
+    return out

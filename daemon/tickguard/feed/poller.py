@@ -1,0 +1,146 @@
+"""The REST fallback poll: prices while the socket is down or silent.
+
+Runs only while the supervisor's fallback is active, every poll_interval,
+for the subscribed symbols. Its prices are tagged `poll`. A 429 is
+respected: the next request waits for Retry-After (seconds or an HTTP date).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import Callable, Collection
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from tickguard.core.prices import PriceBook, PriceSource
+from tickguard.feed.json_protocol import decode_poll
+from tickguard.feed.supervisor import FeedSupervisor, OnPrices
+from tickguard.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER = 300.0  # a broken Retry-After never parks the poll longer than this
+FAILURE_LOG_EVERY = 30.0  # a lasting failure is repeated at most this often
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class FallbackPoller:
+    def __init__(
+        self,
+        url: str,
+        interval: float,
+        *,
+        session: aiohttp.ClientSession,
+        supervisor: FeedSupervisor,
+        book: PriceBook,
+        metrics: Metrics,
+        symbols: Callable[[], Collection[str]],
+        on_prices: OnPrices,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.interval = interval
+        self._session = session
+        self._supervisor = supervisor
+        self._book = book
+        self._metrics = metrics
+        self._symbols = symbols
+        self._on_prices = on_prices
+        self._mono = monotonic
+        self.polling = False
+        self.last_success: float | None = None
+        self.last_error = ""
+        self._last_failure_log = -FAILURE_LOG_EVERY
+        self._host = urlsplit(url).hostname or url
+
+    async def run(self) -> None:
+        while True:
+            if not self._supervisor.fallback_active:
+                self._stop()
+                self._supervisor.fallback_changed.clear()
+                await self._supervisor.fallback_changed.wait()
+                continue
+            if not self.polling:
+                self.polling = True
+                log.info("[FALLBACK] polling %s every %gs", self._host, self.interval)
+            started = self._mono()
+            delay = self.interval
+            try:
+                await self._poll_once()
+            except RateLimited as exc:
+                delay = max(delay, exc.retry_after)
+                self._failed(f"rate limited (HTTP 429), next poll in {delay:g}s")
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                self._failed(str(exc) or exc.__class__.__name__)
+            await asyncio.sleep(max(0.0, delay - (self._mono() - started)))
+
+    def _stop(self) -> None:
+        if self.polling:
+            self.polling = False
+            self._book.channel_down(PriceSource.POLL)
+            log.info("[FALLBACK] live data is back: polling stopped")
+
+    async def _poll_once(self) -> None:
+        symbols = sorted(self._symbols())
+        if not symbols:
+            return
+        timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval))
+        async with self._session.get(
+            self.url, params={"symbols": ",".join(symbols)}, timeout=timeout
+        ) as response:
+            if response.status == 429:
+                raise RateLimited(_retry_after(response.headers.get("Retry-After")))
+            response.raise_for_status()
+            body = await response.json(content_type=None)
+        now = self._mono()
+        decoded = decode_poll(body, set(symbols))
+        for reason in decoded.errors:
+            self._metrics.bad_messages.labels(reason).inc()
+        self._book.channel_up(PriceSource.POLL, now)
+        self._book.channel_alive(PriceSource.POLL, now)
+        updated = [
+            t.symbol
+            for t in decoded.ticks
+            if self._book.update(t.symbol, t.price, t.exchange_ts, PriceSource.POLL, now)
+        ]
+        self._metrics.ticks.labels("poll").inc(len(decoded.ticks))
+        if self.last_error:
+            log.info("[FALLBACK] poll of %s works again", self._host)
+        self.last_success, self.last_error = now, ""
+        if updated and self._supervisor.fallback_active:
+            self._on_prices(updated, PriceSource.POLL)
+
+    def _failed(self, why: str) -> None:
+        self._book.channel_down(PriceSource.POLL)
+        now = self._mono()
+        if why != self.last_error or now - self._last_failure_log >= FAILURE_LOG_EVERY:
+            log.warning("[FALLBACK] poll of %s failed: %s", self._host, why)
+            self._last_failure_log = now
+        self.last_error = why
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return 1.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return 1.0
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))

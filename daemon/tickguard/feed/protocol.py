@@ -1,0 +1,76 @@
+"""The seam between a feed's wire format and the rest of tickguard.
+
+A protocol turns a symbol list into subscribe frames and each received frame
+into ticks, a heartbeat, or counted errors. It never raises on bad input:
+a malformed frame is reported by reason, dropped, and the connection stays.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Bad-message reasons, the `reason` label of tickguard_feed_bad_messages_total.
+BINARY = "binary"
+NOT_JSON = "not_json"
+NOT_OBJECT = "not_object"
+NO_TYPE = "no_type"
+NO_SYMBOL = "no_symbol"
+BAD_PRICE = "bad_price"
+BAD_TIMESTAMP = "bad_timestamp"
+UNKNOWN_SYMBOL = "unknown_symbol"
+TOO_LARGE = "too_large"
+BAD_FRAME = "bad_frame"  # a frame the protocol cannot decode at all (e.g. bad protobuf)
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    symbol: str
+    price: float
+    exchange_ts: int | None  # epoch milliseconds
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one frame carried."""
+
+    ticks: list[Tick] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one reason per dropped frame or entry
+    heartbeat: bool = False  # a sign of life without prices
+
+
+class FeedProtocol(Protocol):
+    name: str
+
+    def subscribe_frames(self, symbols: Sequence[str]) -> list[str | bytes]:
+        """Frames to send after connecting (and after every reconnect)."""
+        ...
+
+    def decode(self, frame: str | bytes, known: Collection[str]) -> Decoded:
+        """One received frame; ticks for symbols outside `known` are dropped."""
+        ...
+
+    def add_frames(self, symbols: Sequence[str], added: Sequence[str]) -> list[str | bytes]:
+        """Frames that extend a live subscription to `added` (`symbols` is the whole set)."""
+        ...
+
+
+def valid_price(value: object) -> float | None:
+    """A JSON number (not a bool or string) that is finite and > 0, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    price = float(value)
+    return price if math.isfinite(price) and price > 0 else None
+
+
+def valid_timestamp(value: object) -> tuple[bool, int | None]:
+    """(ok, epoch ms) for an optional timestamp: absent/null is fine, garbage is not."""
+    if value is None:
+        return True, None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False, None
+    if not math.isfinite(value) or value < 0:
+        return False, None
+    return True, int(value)

@@ -1,0 +1,150 @@
+"""Every Prometheus series tickguard exports (SPEC section 5), built in one place.
+
+Tests pass a fresh `CollectorRegistry()`; the daemon uses its own registry
+too (never the global one), with the process and platform collectors added.
+Per-symbol ages are computed at scrape time by a collector the daemon
+registers (`AgeCollector`), so symbols that stop being guarded vanish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tickguard import __version__
+
+NETWORK_ERROR_KINDS = (
+    "dns",
+    "connect",
+    "tls",
+    "handshake",
+    "closed",
+    "ping_timeout",
+    "silence",
+    "protocol",
+)
+EXIT_REASONS = ("stop_loss", "take_profit", "trailing_stop", "blind", "emergency")
+PRICE_SOURCES = ("live", "poll", "cache", "manual", "none")
+ORDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.websocket_connected = Gauge(
+            "tickguard_websocket_connected",
+            "1 while the feed socket is open and subscribed",
+            registry=r,
+        )
+        self.reconnect_attempts = Counter(
+            "tickguard_websocket_reconnect_attempts", "Feed reconnect attempts", registry=r
+        )
+        self.network_errors = Counter(
+            "tickguard_websocket_network_errors",
+            "Feed connection failures seen, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.ticks = Counter(
+            "tickguard_ticks", "Prices received, by source", ["source"], registry=r
+        )
+        self.bad_messages = Counter(
+            "tickguard_feed_bad_messages",
+            "Feed frames or entries dropped, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dns_lookups = Counter(
+            "tickguard_dns_lookups",
+            "DNS lookup stages tried, by resolver stage and outcome",
+            ["resolver", "outcome"],
+            registry=r,
+        )
+        self.dns_fallbacks = Counter(
+            "tickguard_dns_fallbacks",
+            "Resolutions that needed a fallback resolver or a last-known-good address",
+            registry=r,
+        )
+        self.last_tick_timestamp = Gauge(
+            "tickguard_last_tick_timestamp_seconds", "Unix time of the newest live tick", registry=r
+        )
+        self.fallback_active = Gauge(
+            "tickguard_fallback_active",
+            "1 while prices come from the poll or the cache",
+            registry=r,
+        )
+        self.exits = Counter(
+            "tickguard_exits",
+            "Exits sent, by reason and price source",
+            ["reason", "price_source"],
+            registry=r,
+        )
+        self.exit_failures = Counter(
+            "tickguard_exit_failures",
+            "Exits the broker refused or that timed out, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.order_seconds = Histogram(
+            "tickguard_order_seconds",
+            "Broker round-trip of exit orders",
+            buckets=ORDER_BUCKETS,
+            registry=r,
+        )
+        self.open_positions = Gauge(
+            "tickguard_open_positions", "Positions being guarded", registry=r
+        )
+        self.market_open = Gauge(
+            "tickguard_market_open", "1 while the configured market is open", registry=r
+        )
+        self.watchdog_pings = Counter("tickguard_watchdog_pings", "WATCHDOG=1 sent", registry=r)
+        self.event_loop_lag = Gauge(
+            "tickguard_event_loop_lag_seconds",
+            "Last measured event-loop scheduling delay",
+            registry=r,
+        )
+        self.build_info = Info("tickguard_build", "tickguard build information", registry=r)
+        self.build_info.info({"version": __version__})
+        # Pre-create the labelled series so dashboards see zeros, not gaps.
+        for kind in NETWORK_ERROR_KINDS:
+            self.network_errors.labels(kind)
+        for source in ("live", "poll"):
+            self.ticks.labels(source)
+        for resolver in ("primary", "fallback", "last_known_good"):
+            for outcome in ("ok", "fail"):
+                self.dns_lookups.labels(resolver, outcome)
+
+
+class AgeCollector(Collector):
+    """Price ages of guarded symbols, computed at scrape time.
+
+    `ages` returns (symbol, age seconds, stale or unusable) for each guarded symbol.
+    """
+
+    def __init__(self, ages: Callable[[], Iterable[tuple[str, float, bool]]]) -> None:
+        self._ages = ages
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        rows = list(self._ages())
+        per_symbol = GaugeMetricFamily(
+            "tickguard_price_age_seconds",
+            "Age of the newest usable price of each guarded symbol",
+            labels=["symbol"],
+        )
+        for symbol, age, _ in rows:
+            per_symbol.add_metric([symbol], age)
+        yield per_symbol
+        yield GaugeMetricFamily(
+            "tickguard_price_age_max_seconds",
+            "Max price age over guarded symbols (0 with no positions)",
+            value=max((age for _, age, _ in rows), default=0.0),
+        )
+        yield GaugeMetricFamily(
+            "tickguard_stale_symbols",
+            "Guarded symbols whose price is stale or unusable",
+            value=sum(1 for *_, stale in rows if stale),
+        )
