@@ -7,6 +7,7 @@ returning the exit code. Logging is configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import sys
@@ -70,7 +71,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """`tickguard simulate --listen HOST:PORT [--symbols N]` (args.listen is (host, port))."""
-    return _not_implemented(args)
+    from tickguard.simulator import serve
+
+    configure_logging("info")
+    host, port = args.listen
+    try:
+        asyncio.run(serve(host, port, args.symbols or 5, rate=args.rate, seed=args.seed))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"tickguard simulate: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -142,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = command("simulate", cmd_simulate, "standalone market simulator")
     simulate.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT")
-    simulate.add_argument("--symbols", type=_positive_int, metavar="N")
+    simulate.add_argument("--symbols", type=_positive_int, metavar="N", help="default 5")
+    simulate.add_argument(
+        "--rate", type=_positive_float, default=5.0, help="price moves per second (default 5)"
+    )
+    simulate.add_argument("--seed", type=int, help="random seed, for repeatable runs")
 
     status = command("status", cmd_status, "print connection health")
     status.add_argument("--url", metavar="URL", help="API base URL")

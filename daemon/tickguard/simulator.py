@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ def symbol_names(count: int) -> list[str]:
     return [NAMES[i] if i < len(NAMES) else f"SYM{i:03d}" for i in range(count)]
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity
 class _Client:
     ws: web.WebSocketResponse
     symbols: set[str] = field(default_factory=set)
@@ -318,7 +319,11 @@ async def serve(
         f" {symbols} symbols: {', '.join(sim.prices)})",
         flush=True,
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await runner.cleanup()
