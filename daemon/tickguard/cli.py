@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from tickguard import __version__
-from tickguard.config import load_config, parse_listen
+from tickguard.config import config_path, load_config, parse_listen
 from tickguard.errors import ConfigError
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # no timestamps: journald adds them
@@ -61,12 +61,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`tickguard run [--config PATH]`: 0 clean stop, 2 config error, 1 other fatal error."""
-    return _not_implemented(args)
+    from tickguard import app
+    from tickguard.errors import StoreError
+
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"tickguard: invalid configuration {path}:", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.daemon.log_level)
+    try:
+        return asyncio.run(app.run(config))
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"tickguard: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        logging.getLogger("tickguard").critical("%s", exc)
+        return EXIT_FAILURE
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`tickguard demo [--duration SECONDS]`."""
-    return _not_implemented(args)
+    from tickguard import demo
+
+    return asyncio.run(demo.run(args.duration))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -87,17 +109,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`tickguard status [--url URL]`: 0 healthy, 1 degraded, 2 unreachable."""
-    return _not_implemented(args)
+    from tickguard import client
+
+    return client.status(client.api_url(args.url))
 
 
 def cmd_close(args: argparse.Namespace) -> int:
     """`tickguard close SYMBOL [--reason R] [--url URL] [--token-file F]`: 0, 1 or 2."""
-    return _not_implemented(args)
+    from tickguard import client
 
-
-def _not_implemented(args: argparse.Namespace) -> int:
-    print(f"tickguard {args.command}: not implemented yet", file=sys.stderr)
-    return EXIT_FAILURE
+    token = client.read_token(args.token_file)
+    return client.close(client.api_url(args.url), args.symbol, args.reason, token)
 
 
 def _listen_address(text: str) -> tuple[str, int]:

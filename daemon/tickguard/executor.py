@@ -52,7 +52,7 @@ class ExitExecutor:
         self._monotonic = monotonic
         self._wall = wall
         self._checkpoint = checkpoint
-        self._listener = listener
+        self.listener = listener
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Future[Exit]] = {}
 
@@ -211,8 +211,8 @@ class ExitExecutor:
         first = self._first.get(exit.client_order_id)
         if first is not None and not first.done():
             first.set_result(exit)
-        if self._listener is not None:
-            self._listener(exit, position, elapsed)
+        if self.listener is not None:
+            self.listener(exit, position, elapsed)
 
 
 def _order(exit: Exit) -> ExitOrder:

@@ -246,13 +246,14 @@ class FeedSupervisor:
             return await self._receive(ws)
         finally:
             keepalive.cancel()
-            now = self._mono()
             self.state = FeedState.BACKOFF
             self.connected_since = None
-            self.backoff.disconnected(now)
+            self.backoff.disconnected(self._mono())
             self.book.channel_down(PriceSource.LIVE)
             self.metrics.websocket_connected.set(0)
-            self._set_fallback(True, "socket down")
+            task = asyncio.current_task()
+            stopping = task is not None and task.cancelling() > 0  # shutdown, not an outage
+            self._set_fallback(True, "socket down", quiet=stopping)
 
     async def _receive(self, ws: ClientConnection) -> Failure:
         silence = self.config.silence_timeout
@@ -309,12 +310,14 @@ class FeedSupervisor:
                 return
             self.book.channel_alive(PriceSource.LIVE, self._mono())
 
-    def _set_fallback(self, active: bool, why: str) -> None:
+    def _set_fallback(self, active: bool, why: str, *, quiet: bool = False) -> None:
         if active == self.fallback_active:
             return
         self.fallback_active = active
         self.metrics.fallback_active.set(1 if active else 0)
         self.fallback_changed.set()
+        if quiet:
+            return
         if active:
             log.warning("[FALLBACK] %s: prices now come from the poll and the cache", why)
         else:

@@ -1,0 +1,502 @@
+"""The HTTP API (SPEC section 4): health, emergency close, positions, exits, metrics.
+
+JSON in and out. Mutating routes need `Authorization: Bearer <token>`,
+compared in constant time; with no token configured they answer 503. Every
+error has the SPEC's shape `{"status": "error", "error": code, "message": ...}`.
+Every mutating call is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tickguard.core.exits import Exit, ExitState
+from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
+from tickguard.core.prices import Freshness, Quote
+from tickguard.errors import StoreError
+from tickguard.guardian import CloseOutcome
+from tickguard.metrics import NETWORK_ERROR_KINDS
+
+if TYPE_CHECKING:
+    from tickguard.app import Daemon
+
+log = logging.getLogger(__name__)
+
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+MAX_BODY = 64 * 1024
+CLOSE_REASONS = ("stop_loss", "take_profit", "emergency")
+SPEC_FIELDS = (
+    "symbol",
+    "side",
+    "quantity",
+    "entry_price",
+    "stop_loss",
+    "take_profit",
+    "trailing_stop",
+)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, **extra: object) -> None:
+        super().__init__(status, code, message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def response(self) -> web.Response:
+        body = {"status": "error", "error": self.code, "message": self.message, **self.extra}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return web.json_response(body, status=self.status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "http_error"
+        )
+        return ApiError(exc.status, code, exc.reason).response()
+    except Exception:
+        log.exception("API %s %s failed", request.method, request.path)
+        return ApiError(500, "internal", "internal error; see the daemon's log").response()
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method in ("POST", "PUT", "PATCH", "DELETE") and request.path.startswith("/api/"):
+        token = request.app[DAEMON].token
+        if not token:
+            raise ApiError(503, "no_token", "no API token is configured (http.token_file)")
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+    return await handler(request)
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY
+    )
+    app[DAEMON] = daemon
+    r = app.router
+    r.add_get("/api/v1/monitoring/connection-health", connection_health)
+    r.add_post("/api/v1/monitoring/emergency-close-position", emergency_close_position)
+    r.add_post("/api/v1/monitoring/emergency-close-all", emergency_close_all)
+    r.add_get("/api/v1/positions", list_positions)
+    r.add_post("/api/v1/positions", add_position)
+    r.add_delete("/api/v1/positions/{symbol}", delete_position)
+    r.add_get("/api/v1/exits", list_exits)
+    r.add_get("/api/v1/openapi.json", openapi)
+    r.add_get("/metrics", metrics)
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    return app
+
+
+# -- monitoring ---------------------------------------------------------------
+
+
+async def connection_health(request: web.Request) -> web.Response:
+    return web.json_response(health(request.app[DAEMON]))
+
+
+def health(d: Daemon) -> dict[str, Any]:
+    """The connection-health document (SPEC 4 and 4c, plus our sections)."""
+    now = d.monotonic()
+    sup, m = d.supervisor, d.metrics
+    cache = {}
+    for symbol in sorted(d.book.symbols()):
+        q = d.guard.quote(symbol, now)
+        cache[symbol] = quote_json(q)
+    guarded = [d.guard.quote(s, now) for s in d.guard.symbols()]
+    positions = d.guard.positions()
+    stale = sorted(q.symbol for q in guarded if q.freshness is not Freshness.FRESH)
+    unusable = sorted(q.symbol for q in guarded if not q.usable)
+    network_errors = sum(
+        m.registry.get_sample_value("tickguard_websocket_network_errors_total", {"kind": k}) or 0
+        for k in NETWORK_ERROR_KINDS
+    )
+    degraded = (not sup.connected) or sup.fallback_active or bool(stale)
+    market_now = datetime.now(UTC)
+    next_change = d.market.next_change(market_now)
+    return {
+        "timestamp": market_now.astimezone(d.market.tz).isoformat(timespec="seconds"),
+        "status": "degraded" if degraded else "healthy",
+        "websocket": {
+            "connected": sup.connected,
+            "state": sup.state.value,
+            "subscribed_symbols": len(sup.subscribed) if sup.connected else len(d.subscriptions()),
+            "reconnect_attempts": int(
+                m.registry.get_sample_value("tickguard_websocket_reconnect_attempts_total") or 0
+            ),
+            "network_errors": int(network_errors),
+            "current_streak": sup.streak(),
+            "last_error": sup.last_error,
+            "address": sup.address,
+            "last_frame_age_seconds": _age(now, sup.last_frame_at),
+            "connected_for_seconds": _age(now, sup.connected_since),
+        },
+        "price_cache": {"cached_symbols": len(cache), "cache_entries": cache},
+        "dns": {
+            "primary_failed": d.resolver.primary_failed,
+            "last_stage": d.resolver.last.stage if d.resolver.last else None,
+            "resolved_via": d.resolver.last.via if d.resolver.last else None,
+            "last_error": d.resolver.last_error,
+        },
+        "fallback": {
+            "active": sup.fallback_active,
+            "configured": d.poller is not None,
+            "polling": d.poller.polling if d.poller else False,
+            "last_success_age_seconds": _age(now, d.poller.last_success) if d.poller else None,
+            "last_error": d.poller.last_error if d.poller else "",
+        },
+        "market": {
+            "open": d.guardian.market_open,
+            "timezone": d.config.market.timezone,
+            "next_change": next_change.astimezone(d.market.tz).isoformat(timespec="seconds")
+            if next_change
+            else None,
+        },
+        "positions": {
+            "open": sum(1 for p in positions if p.state is PositionState.OPEN),
+            "exiting": sum(1 for p in positions if p.state is PositionState.EXITING),
+            "stale_symbols": stale,
+            "unusable_symbols": unusable,
+            "blind_symbols": sorted(s for s in d.guard.symbols() if d.guard.is_blind(s)),
+        },
+        "exits": {
+            "in_flight": len(d.guard.exits_in_flight()),
+            "retrying": sum(1 for e in d.guard.exits_in_flight() if e.state is ExitState.RETRY),
+        },
+    }
+
+
+def quote_json(q: Quote) -> dict[str, Any]:
+    return {
+        "price": q.price.value if q.price else None,
+        "age_seconds": _round(q.age),
+        "is_stale": q.freshness is not Freshness.FRESH,  # stale or unusable
+        "freshness": q.freshness.value,
+        "source": q.source.value,
+        "exchange_ts": q.price.exchange_ts if q.price else None,
+    }
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else _round(max(0.0, now - then))
+
+
+def _round(value: float) -> float | None:
+    return round(value, 3) if math.isfinite(value) else None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    last = d.guardian.last_sweep_at
+    limit = max(5.0, 5 * d.guardian.sweep_interval)
+    if last is None or d.monotonic() - last > limit:
+        raise ApiError(503, "guard_stalled", f"the guard loop made no progress for over {limit:g}s")
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    now = d.monotonic()
+    reasons = []
+    for symbol in d.guard.symbols():
+        q = d.guard.quote(symbol, now)
+        if not q.usable:
+            age = "no price yet" if q.price is None else f"price {q.age:.0f}s old"
+            reasons.append(f"{symbol}: no usable price ({age})")
+    if reasons:
+        raise ApiError(503, "not_ready", "; ".join(reasons), reasons=reasons)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[DAEMON].metrics.registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    text = resources.files("tickguard").joinpath("openapi.json").read_text()
+    return web.Response(text=text, content_type="application/json")
+
+
+# -- closing ------------------------------------------------------------------
+
+
+async def emergency_close_position(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    body = await _body(request)
+    _only(body, ("symbol", "reason"))
+    symbol = body.get("symbol")
+    if not isinstance(symbol, str) or not symbol:
+        raise ApiError(400, "bad_request", "symbol: expected a non-empty string")
+    reason = _reason(body.get("reason", "emergency"))
+    d.store.audit(
+        "emergency_close",
+        {"symbol": symbol, "reason": reason.value, "remote": request.remote},
+        d.wall(),
+    )
+    result, status = await close_one(d, symbol, reason)
+    return web.json_response(result, status=status)
+
+
+async def emergency_close_all(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    body = await _body(request, optional=True)
+    _only(body, ("reason",))
+    reason = _reason(body.get("reason", "emergency"))
+    symbols = [p.symbol for p in d.guard.positions() if p.state is PositionState.OPEN]
+    d.store.audit(
+        "emergency_close_all",
+        {"symbols": symbols, "reason": reason.value, "remote": request.remote},
+        d.wall(),
+    )
+    outcomes = await asyncio.gather(*(close_one(d, s, reason) for s in symbols))
+    results = [result for result, _ in outcomes]
+    ok = all(status == 200 for _, status in outcomes)
+    return web.json_response({"status": "success" if ok else "partial", "results": results})
+
+
+async def close_one(d: Daemon, symbol: str, reason: ExitReason) -> tuple[dict[str, Any], int]:
+    """Close `symbol` and wait for the broker's first answer: (body, HTTP status)."""
+    position = d.guard.position(symbol)
+    if position is None:
+        latest = d.store.latest_position(symbol)
+        if latest is None:
+            return _error(404, "not_found", f"no position for {symbol}", symbol=symbol)
+        return _error(
+            409,
+            "conflict",
+            f"{symbol} is already {latest.state.value}",
+            symbol=symbol,
+            state=latest.state.value,
+        )
+    if position.state is PositionState.EXITING:
+        return _error(
+            409, "conflict", f"{symbol} is already exiting", symbol=symbol, state="exiting"
+        )
+    outcome: CloseOutcome = d.guardian.close(symbol, reason)
+    try:
+        exit = await asyncio.wait_for(
+            d.executor.first_outcome(outcome.exit.client_order_id), d.close_wait
+        )
+    except TimeoutError:
+        exit = d.guard.exit(outcome.exit.client_order_id) or outcome.exit
+    return _close_result(outcome.position, exit)
+
+
+def _close_result(position: Position, exit: Exit) -> tuple[dict[str, Any], int]:
+    symbol = position.symbol
+    if exit.state is ExitState.FILLED and exit.fill_price is not None:
+        return {
+            "status": "success",
+            "symbol": symbol,
+            "entry_price": position.spec.entry_price,
+            "exit_price": exit.fill_price,
+            "pnl": position.pnl(exit.fill_price),
+            "reason": exit.reason.value,
+            "client_order_id": exit.client_order_id,
+        }, 200
+    if exit.state is ExitState.REJECTED:
+        return _error(
+            502,
+            "broker_rejected",
+            f"the broker refused the exit of {symbol}: {exit.detail}; the position stays open and guarded",
+            symbol=symbol,
+            client_order_id=exit.client_order_id,
+        )
+    # Unknown outcome: the order may exist. It is never sent twice: the exit
+    # keeps its client order id and is looked up before any resend.
+    return _error(
+        502,
+        "broker_unavailable",
+        f"the broker did not confirm the exit of {symbol} ({exit.detail or 'no answer yet'});"
+        " it stays guarded and the exit is retried with the same client order id",
+        symbol=symbol,
+        client_order_id=exit.client_order_id,
+        state=exit.state.value,
+    )
+
+
+def _error(status: int, code: str, message: str, **extra: object) -> tuple[dict[str, Any], int]:
+    return {"status": "error", "error": code, "message": message, **extra}, status
+
+
+def _reason(value: object) -> ExitReason:
+    if value not in CLOSE_REASONS:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"reason: {value!r} is invalid; expected one of {', '.join(CLOSE_REASONS)}",
+        )
+    return ExitReason(value)
+
+
+# -- positions and exits ------------------------------------------------------
+
+
+async def list_positions(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    state = request.query.get("state", "active")
+    if state not in ("active", "all"):
+        raise ApiError(400, "bad_request", f"state: {state!r} is invalid; expected all")
+    now = d.monotonic()
+    guarded = {p.id: p for p in d.guard.positions()}
+    rows = d.store.positions(active_only=state != "all")
+    out = [position_json(guarded.get(p.id, p), d, now) for p in rows]
+    return web.json_response({"positions": out})
+
+
+def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
+    spec = p.spec
+    data: dict[str, Any] = {"id": p.id, **{f: getattr(spec, f) for f in SPEC_FIELDS}}
+    data["side"] = spec.side.value
+    data["state"] = p.state.value
+    data["trailing_level"] = p.trailing_level()
+    data["exit_id"] = p.exit_id
+    if p.state is not PositionState.CLOSED:
+        q = d.guard.quote(p.symbol, now)
+        data["price"] = quote_json(q)
+        data["unrealized_pnl"] = p.pnl(q.price.value) if q.price else None
+        data["blind"] = d.guard.is_blind(p.symbol)
+    return data
+
+
+async def add_position(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    body = await _body(request)
+    spec = _spec(body)
+    if d.guard.position(spec.symbol) is not None:
+        raise ApiError(409, "conflict", f"{spec.symbol} already has an open position")
+    try:
+        position = d.guardian.add(spec, source=f"api {request.remote}")
+    except StoreError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    await d.supervisor.subscribe_more()
+    return web.json_response(position_json(position, d, d.monotonic()), status=201)
+
+
+def _spec(body: dict[str, Any]) -> PositionSpec:
+    _only(body, SPEC_FIELDS)
+    problems = [f"{f}: required" for f in SPEC_FIELDS[:4] if f not in body]
+    if problems:
+        raise ApiError(400, "bad_request", "; ".join(problems))
+    symbol, side = body["symbol"], body["side"]
+    if not isinstance(symbol, str):
+        raise ApiError(400, "bad_request", f"symbol: {symbol!r} is invalid; expected a string")
+    if side not in ("long", "short"):
+        raise ApiError(400, "bad_request", f"side: {side!r} is invalid; expected long or short")
+    numbers: dict[str, float | None] = {}
+    for field in SPEC_FIELDS[2:]:
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ApiError(400, "bad_request", f"{field}: {value!r} is invalid; expected a number")
+        numbers[field] = None if value is None else float(value)
+    spec = PositionSpec(symbol, Side(side), **numbers)  # type: ignore[arg-type]
+    found = spec.problems()
+    if found:
+        raise ApiError(
+            400,
+            "bad_request",
+            "; ".join(f"{p.field}: {p.value!r} is invalid; expected {p.expected}" for p in found),
+        )
+    return spec
+
+
+async def delete_position(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    symbol = request.match_info["symbol"]
+    position = d.guard.position(symbol)
+    if position is None:
+        raise ApiError(404, "not_found", f"no open position for {symbol}")
+    if position.state is PositionState.EXITING:
+        raise ApiError(
+            409, "conflict", f"{symbol} is exiting; it cannot be dropped", state="exiting"
+        )
+    removed = d.guardian.remove(symbol, source=f"api {request.remote}")
+    return web.json_response(
+        {"status": "success", "symbol": symbol, "id": removed.id, "state": "closed"}
+    )
+
+
+async def list_exits(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    tz = d.market.tz
+    out = []
+    for record in d.store.exits():
+        e = record.exit
+        live = d.guard.exit(e.client_order_id) or e
+        out.append(
+            {
+                "symbol": e.symbol,
+                "position_id": e.position_id,
+                "reason": e.reason.value,
+                "price_source": e.price_source.value,
+                "client_order_id": e.client_order_id,
+                "state": live.state.value,
+                "decided_at": datetime.fromtimestamp(e.decided_at, tz).isoformat(
+                    timespec="milliseconds"
+                ),
+                "trigger_price": e.trigger_price,
+                "exit_price": live.fill_price,
+                "pnl": record.pnl,
+                "attempts": live.attempts,
+                "broker_order_id": live.broker_order_id,
+                "detail": live.detail,
+            }
+        )
+    return web.json_response({"exits": out})
+
+
+# -- request helpers ----------------------------------------------------------
+
+
+async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    text = await request.text()
+    if not text.strip() and optional:
+        return {}
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def _only(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ApiError(
+            400,
+            "bad_request",
+            f"unknown field(s) {', '.join(unknown)}; expected {', '.join(allowed)}",
+        )

@@ -1,0 +1,327 @@
+"""The composition root: the one place that builds the world and runs it.
+
+config -> store -> broker -> price book -> guard -> executor -> guardian ->
+feed supervisor and fallback poll -> HTTP API -> systemd notifier.
+
+Shutdown (SIGTERM/SIGINT): stop the API, let exits in flight finish (bounded),
+persist trailing anchors, close the store, STOPPING=1, exit 0 — well within
+systemd's TimeoutStopSec. A background task that crashes is logged, counted
+and restarted; one that keeps crashing ends the daemon with exit 1 so systemd
+restarts it: positions are never left unguarded silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
+
+from tickguard import __version__
+from tickguard.api import build_app
+from tickguard.brokers.base import Broker
+from tickguard.brokers.paper import PaperBroker
+from tickguard.config import Config
+from tickguard.core.guard import Guard
+from tickguard.core.market import MarketCalendar
+from tickguard.core.prices import PriceBook
+from tickguard.errors import ConfigError, ConfigProblem
+from tickguard.executor import DEFAULT_ORDER_TIMEOUT, ExitExecutor
+from tickguard.feed.dns import AiohttpResolver, ResolverChain
+from tickguard.feed.json_protocol import JsonProtocol
+from tickguard.feed.poller import FallbackPoller
+from tickguard.feed.protocol import FeedProtocol
+from tickguard.feed.supervisor import FeedSupervisor
+from tickguard.guardian import Guardian
+from tickguard.metrics import AgeCollector, Metrics
+from tickguard.store import Store
+from tickguard.systemd import Notifier, measure_lag
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_EXIT_WAIT = 5.0  # seconds exits in flight get to finish at shutdown
+API_SHUTDOWN_TIMEOUT = 2.0
+CRASHES_TOLERATED = 5  # per task per CRASH_WINDOW before the daemon gives up (exit 1)
+CRASH_WINDOW = 60.0
+
+
+@dataclass
+class Daemon:
+    """Everything the API and the loops share. Built only by `build`."""
+
+    config: Config
+    store: Store
+    metrics: Metrics
+    book: PriceBook
+    guard: Guard
+    broker: Broker
+    executor: ExitExecutor
+    guardian: Guardian
+    market: MarketCalendar
+    resolver: ResolverChain
+    supervisor: FeedSupervisor
+    poller: FallbackPoller | None
+    session: aiohttp.ClientSession
+    notifier: Notifier
+    token: str | None
+    subscriptions: Callable[[], set[str]]
+    close_wait: float = DEFAULT_ORDER_TIMEOUT + 2.0
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    task_crashes: Counter | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def read_token(path: str) -> str | None:
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigProblem("http.token_file", path, f"a readable file ({exc.strerror})")]
+        ) from None
+    if not token:
+        raise ConfigError(
+            [ConfigProblem("http.token_file", path, "a file holding a non-empty token")]
+        )
+    return token
+
+
+def make_protocol(name: str) -> FeedProtocol:
+    if name == "json":
+        return JsonProtocol()
+    raise ConfigError(
+        [ConfigProblem("feed.protocol", name, "json (upstox is not available in this build yet)")]
+    )
+
+
+async def build(config: Config) -> Daemon:
+    """Build every part from the config (nothing runs yet)."""
+    store = Store.in_dir(config.daemon.state_dir)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    metrics = Metrics(registry)
+    book = PriceBook(config.prices.stale_warning, config.prices.cache_timeout)
+    guard = Guard(
+        book,
+        blind_policy=config.guard.blind_policy,
+        blind_after=config.guard.blind_after,
+        install_id=store.install_id,
+    )
+
+    def last_price(symbol: str) -> float | None:
+        price = book.get(symbol)
+        return price.value if price is not None else None
+
+    if config.broker.kind != "paper":
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "broker.kind",
+                    config.broker.kind,
+                    "paper (upstox is not available in this build yet)",
+                )
+            ]
+        )
+    broker: Broker = PaperBroker(store, last_price)
+    executor = ExitExecutor(guard, store, broker)
+    m = config.market
+    market = MarketCalendar(m.zone(), m.sessions, m.weekdays, m.holidays, m.always_open)
+    guardian = Guardian(
+        guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
+    )
+    executor.listener = guardian.on_exit
+    resolver = ResolverChain(config.dns, store, metrics)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=AiohttpResolver(resolver)),
+        headers={"User-Agent": f"tickguard/{__version__}"},
+        trust_env=False,
+    )
+
+    def subscriptions() -> set[str]:
+        """What the feed subscribes: config symbols plus guarded ones."""
+        return set(config.feed.symbols) | set(guard.symbols())
+
+    supervisor = FeedSupervisor(
+        config.feed,
+        protocol=make_protocol(config.feed.protocol),
+        resolver=resolver,
+        book=book,
+        metrics=metrics,
+        symbols=subscriptions,
+        on_prices=guardian.on_prices,
+        market_open=lambda: guardian.market_open,
+        rng=random.Random(),
+    )
+    poller = None
+    if config.feed.fallback_url:
+        poller = FallbackPoller(
+            config.feed.fallback_url,
+            config.feed.poll_interval,
+            session=session,
+            supervisor=supervisor,
+            book=book,
+            metrics=metrics,
+            symbols=subscriptions,
+            on_prices=guardian.on_prices,
+        )
+    daemon = Daemon(
+        config=config,
+        store=store,
+        metrics=metrics,
+        book=book,
+        guard=guard,
+        broker=broker,
+        executor=executor,
+        guardian=guardian,
+        market=market,
+        resolver=resolver,
+        supervisor=supervisor,
+        poller=poller,
+        session=session,
+        notifier=Notifier(),
+        token=read_token(config.http.token_file),
+        subscriptions=subscriptions,
+        task_crashes=Counter(
+            "tickguard_task_crashes",
+            "Background tasks that crashed and were restarted",
+            ["task"],
+            registry=registry,
+        ),
+    )
+
+    def ages() -> list[tuple[str, float, bool]]:
+        now = daemon.monotonic()
+        rows = []
+        for symbol in guard.symbols():
+            q = guard.quote(symbol, now)
+            rows.append((symbol, q.age, q.freshness.value != "fresh"))
+        return rows
+
+    registry.register(AgeCollector(ages))
+    return daemon
+
+
+async def run(config: Config, *, stop: asyncio.Event | None = None) -> int:
+    """Run the daemon until `stop` is set (or SIGTERM/SIGINT). Returns the exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = await build(config)
+    try:
+        return await _serve(daemon, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await daemon.session.close()
+        daemon.store.close()
+        daemon.notifier.close()
+
+
+async def _serve(d: Daemon, stop: asyncio.Event) -> int:
+    d.guardian.recover(d.config.positions)
+    d.guardian.sweep()  # the guard loop has run once before READY
+    runner = web.AppRunner(
+        build_app(d), handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    host, port = d.config.http.host, d.config.http.port
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+    except OSError as exc:
+        log.error("[HTTP] cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        await runner.cleanup()
+        return 1
+    bound = runner.addresses[0]
+    log.info("[HTTP] listening on %s:%d", bound[0], bound[1])
+    if d.token is None:
+        log.warning("[HTTP] no API token configured: mutating routes answer 503")
+    failed = asyncio.Event()
+    d.tasks = [
+        _keep_running(d, "feed", d.supervisor.run, failed),
+        _keep_running(d, "guard", d.guardian.run, failed),
+        _keep_running(
+            d, "watchdog", lambda: d.notifier.watchdog(lambda: d.guardian.sweeps, d.metrics), failed
+        ),
+        _keep_running(d, "lag", lambda: measure_lag(d.metrics), failed),
+        _keep_running(d, "status", lambda: _status_loop(d), failed),
+    ]
+    if d.poller is not None:
+        d.tasks.append(_keep_running(d, "poll", d.poller.run, failed))
+    d.notifier.ready(status_line(d))
+    log.info("tickguard %s running: %d positions guarded", __version__, len(d.guard.positions()))
+    stopper = asyncio.create_task(stop.wait())
+    crashed = asyncio.create_task(failed.wait())
+    await asyncio.wait([stopper, crashed], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    crashed.cancel()
+    code = 1 if failed.is_set() else 0
+    log.info("shutting down (%s)", "a task kept crashing" if code else "signal")
+    d.notifier.stopping()
+    await runner.cleanup()  # stop accepting requests
+    if not await d.executor.drain(SHUTDOWN_EXIT_WAIT):
+        log.warning("exits still in flight at shutdown; they resume (reconciled) on the next start")
+    for task in d.tasks:
+        task.cancel()
+    await asyncio.gather(*d.tasks, return_exceptions=True)
+    await d.executor.cancel_all()
+    d.guardian.save_all()
+    return code
+
+
+def _keep_running(
+    d: Daemon, name: str, factory: Callable[[], Coroutine[Any, Any, None]], failed: asyncio.Event
+) -> asyncio.Task[None]:
+    async def loop() -> None:
+        crashes: list[float] = []
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                now = d.monotonic()
+                crashes = [t for t in crashes if now - t < CRASH_WINDOW] + [now]
+                if d.task_crashes is not None:
+                    d.task_crashes.labels(name).inc()
+                log.exception("task %s crashed (%d in %.0fs)", name, len(crashes), CRASH_WINDOW)
+                if len(crashes) > CRASHES_TOLERATED:
+                    log.critical(
+                        "task %s keeps crashing; exiting so systemd restarts tickguard", name
+                    )
+                    failed.set()
+                    return
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** len(crashes)))
+
+    return asyncio.create_task(loop(), name=name)
+
+
+def status_line(d: Daemon) -> str:
+    sup = d.supervisor
+    feed = "feed connected" if sup.connected else f"feed {sup.state.value}"
+    if sup.fallback_active:
+        feed += ", fallback active"
+    positions = d.guard.positions()
+    now = d.monotonic()
+    stale = sum(1 for p in positions if d.guard.quote(p.symbol, now).freshness.value != "fresh")
+    return f"{feed}; {len(positions)} positions guarded, {stale} stale"
+
+
+async def _status_loop(d: Daemon) -> None:
+    while True:
+        d.notifier.status(status_line(d))
+        await asyncio.sleep(1.0)

@@ -1,0 +1,331 @@
+"""`tickguard demo`: the embedded default, end to end, in about a minute.
+
+Starts the market simulator and the daemon (paper broker, SQLite in a
+temporary state dir) as child processes, registers sample positions through
+the API, then scripts a feed outage while a live view shows what the daemon
+sees: the socket goes silent (a zombie), the REST poll takes over and a stop
+fires on a poll price; then the network path is cut (black hole) and the poll
+with it, so prices come from the cache, and an exit fires on a cached price;
+finally the feed comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+DEFAULT_DURATION = 50.0
+EVENT_PREFIXES = (
+    "[SL]",
+    "[TP]",
+    "[TRAIL]",
+    "[BLIND]",
+    "[EXIT]",
+    "[FALLBACK]",
+    "[RECONNECT]",
+    "[DNS]",
+    "[FEED]",
+)
+CONFIG = """\
+[daemon]
+state_dir = "{state}"
+log_level = "info"
+
+[http]
+listen = "127.0.0.1:0"
+token_file = "{token_file}"
+
+[feed]
+url = "ws://127.0.0.1:{port}/ws"
+fallback_url = "http://127.0.0.1:{port}/prices"
+symbols = ["TCS"]
+ping_interval = 1.0
+ping_timeout = 1.0
+silence_timeout = 3.0
+poll_interval = 0.5
+
+[feed.reconnect]
+initial_delay = 0.5
+max_delay = 4.0
+stable_after = 10.0
+
+[dns]
+servers = []
+fallback_servers = []  # the demo never asks a public resolver
+timeout = 2.0
+
+[prices]
+stale_warning = 5.0
+cache_timeout = 60.0
+
+[guard]
+sweep_interval = 0.5
+
+[market]
+always_open = true
+"""
+
+
+class Demo:
+    def __init__(self, duration: float, out: TextIO) -> None:
+        self.duration = duration
+        self.out = out
+        self.tty = out.isatty()
+        self.started = time.monotonic()
+        self.state = Path(tempfile.mkdtemp(prefix="tickguard-demo-"))
+        self.token = secrets.token_urlsafe(24)
+        self.sim: asyncio.subprocess.Process | None = None
+        self.daemon: asyncio.subprocess.Process | None = None
+        self.sim_url = ""
+        self.api_url = ""
+        self.http: aiohttp.ClientSession | None = None
+        self.api_ready = asyncio.Event()
+        self.block_lines = 0
+        self.phase = "starting"
+        self.tail: asyncio.Task[None] | None = None
+
+    # -- output -----------------------------------------------------------
+
+    def t(self) -> str:
+        return f"{time.monotonic() - self.started:5.1f}s"
+
+    def say(self, text: str) -> None:
+        self._clear_block()
+        print(f"{self.t()}  {text}", file=self.out, flush=True)
+
+    def _clear_block(self) -> None:
+        if self.tty and self.block_lines:
+            self.out.write(f"\x1b[{self.block_lines}F\x1b[J")
+            self.block_lines = 0
+
+    def show(self, lines: list[str]) -> None:
+        if self.tty:
+            self._clear_block()
+            self.out.write("\n".join(lines) + "\n")
+            self.out.flush()
+            self.block_lines = len(lines)
+        else:
+            print("\n".join(lines), file=self.out, flush=True)
+
+    # -- processes --------------------------------------------------------
+
+    async def start(self) -> None:
+        self.sim = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tickguard", "simulate", "--listen", "127.0.0.1:0",
+            "--symbols", "4", "--rate", "4", "--seed", "7",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.sim.stdout is not None
+        line = (await asyncio.wait_for(self.sim.stdout.readline(), 15)).decode()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        port = match.group(1)
+        self.sim_url = f"http://127.0.0.1:{port}"
+        token_file = self.state / "api-token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        config = self.state / "config.toml"
+        config.write_text(
+            CONFIG.format(state=self.state / "state", token_file=token_file, port=port)
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        self.daemon = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tickguard", "run", "--config", str(config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        self.tail = asyncio.create_task(self._tail(self.daemon.stderr))
+        await asyncio.wait_for(self.api_ready.wait(), 20)
+        self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        self.say(f"simulator at {self.sim_url}, tickguard API at {self.api_url}")
+        self.say(f"state and logs in {self.state}")
+
+    async def _tail(self, stream: asyncio.StreamReader | None) -> None:
+        assert stream is not None
+        with (self.state / "daemon.log").open("w", encoding="utf-8") as log:
+            while line := (await stream.readline()).decode(errors="replace"):
+                log.write(line)
+                log.flush()
+                text = line.rstrip()
+                if m := re.search(r"\[HTTP\] listening on ([\d.]+):(\d+)", text):
+                    self.api_url = f"http://{m.group(1)}:{m.group(2)}"
+                    self.api_ready.set()
+                message = text.split(": ", 1)[1] if ": " in text else text
+                if message.startswith(EVENT_PREFIXES) or text.startswith(("ERROR", "CRITICAL")):
+                    self.say(f"  tickguard | {message}")
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        for proc in (self.daemon, self.sim):
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 12)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+    # -- API helpers ------------------------------------------------------
+
+    async def api(self, method: str, path: str, body: object = None) -> tuple[int, Any]:
+        assert self.http is not None
+        async with self.http.request(method, self.api_url + path, json=body) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def sim_call(self, path: str, body: object) -> None:
+        assert self.http is not None
+        async with self.http.post(self.sim_url + path, json=body) as r:
+            r.raise_for_status()
+
+    async def sim_prices(self) -> dict[str, float]:
+        assert self.http is not None
+        async with self.http.get(self.sim_url + "/prices") as r:
+            data = await r.json()
+        return {s: float(v["price"]) for s, v in data["prices"].items()}
+
+    # -- the script -------------------------------------------------------
+
+    async def script(self) -> None:
+        prices = await self.sim_prices()
+        b, a, r = prices["BOSCHLTD"], prices["ADANIENT"], prices["RELIANCE"]
+        positions = [
+            {"symbol": "BOSCHLTD", "side": "long", "quantity": 10, "entry_price": round(b, 2),
+             "stop_loss": round(b * 0.99, 2), "take_profit": round(b * 1.05, 2)},
+            {"symbol": "ADANIENT", "side": "short", "quantity": 25, "entry_price": round(a, 2),
+             "stop_loss": round(a * 1.03, 2), "trailing_stop": round(a * 0.01, 2)},
+            {"symbol": "RELIANCE", "side": "long", "quantity": 40, "entry_price": round(r, 2),
+             "stop_loss": round(r * 0.95, 2), "take_profit": round(r * 1.05, 2)},
+        ]  # fmt: skip
+        self.phase = "live"
+        for p in positions:
+            status, _ = await self.api("POST", "/api/v1/positions", p)
+            self.say(
+                f"registered {p['side']} {p['symbol']} x{p['quantity']} @ {p['entry_price']} (HTTP {status})"
+            )
+        steps: list[tuple[float, str, Callable[[], Awaitable[None]]]] = [
+            (6, "the feed goes silent: a zombie socket that answers pings but sends no data",
+             lambda: self.sim_call("/faults", {"mode": "silence"})),
+            (14, "BOSCHLTD drops through its stop; only the REST poll can see it",
+             lambda: self.sim_call("/prices/BOSCHLTD", {"price": round(b * 0.985, 2)})),
+            (20, "the network path is cut (black hole): socket and poll both silent",
+             lambda: self.sim_call("/faults", {"mode": "blackhole"})),
+            (27, "the bot adds a RELIANCE long whose stop the last cached price already breaches",
+             lambda: self._cached_exit(r)),
+            (36, "the network comes back", lambda: self.sim_call("/faults", {"mode": "none"})),
+        ]  # fmt: skip
+        for at, text, action in steps:
+            await self._until(at)
+            self.phase = text.split(":")[0]
+            self.say(f"== {text}")
+            await action()
+        await self._until(self.duration)
+
+    async def _cached_exit(self, reliance_entry: float) -> None:
+        status, _ = await self.api("DELETE", "/api/v1/positions/RELIANCE")
+        self.say(f"  (dropped the old RELIANCE position without an order: HTTP {status})")
+        _, health = await self.api("GET", "/api/v1/monitoring/connection-health")
+        cached = health["price_cache"]["cache_entries"]["RELIANCE"]["price"] or reliance_entry
+        body = {"symbol": "RELIANCE", "side": "long", "quantity": 40,
+                "entry_price": round(cached * 1.02, 2), "stop_loss": round(cached * 1.01, 2)}  # fmt: skip
+        status, _ = await self.api("POST", "/api/v1/positions", body)
+        self.say(
+            f"registered long RELIANCE x40 @ {body['entry_price']} SL {body['stop_loss']} (HTTP {status})"
+        )
+
+    async def _until(self, at: float) -> None:
+        """Wait until `at` seconds after the start (a timeline, not synchronisation)."""
+        await asyncio.sleep(max(0.0, at - (time.monotonic() - self.started)))
+
+    async def live_view(self) -> None:
+        every = 1.0 if self.tty else 3.0
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(
+                aiohttp.ClientError, OSError, ValueError, KeyError, TimeoutError
+            ):
+                self.show(await self._view())
+
+    async def _view(self) -> list[str]:
+        _, h = await self.api("GET", "/api/v1/monitoring/connection-health")
+        _, pos = await self.api("GET", "/api/v1/positions?state=all")
+        ws, fb = h["websocket"], h["fallback"]
+        feed = "CONNECTED" if ws["connected"] else ws["state"].upper()
+        lines = [
+            f"{self.t()}  [{self.phase}] feed {feed}  fallback {'ACTIVE' if fb['active'] else 'off'}"
+            f"  reconnects {ws['reconnect_attempts']}  errors {ws['network_errors']}"
+        ]
+        for p in pos["positions"][-6:]:
+            q = p.get("price") or {}
+            price = q.get("price")
+            age = q.get("age_seconds")
+            seen = (
+                ""
+                if price is None
+                else f"{price:>10.2f} {q['source']:<5} {age:5.1f}s{' STALE' if q['is_stale'] else ''}"
+            )
+            rules = " ".join(
+                f"{k} {p[v]:g}"
+                for k, v in (("SL", "stop_loss"), ("TP", "take_profit"), ("trail", "trailing_stop"))
+                if p[v] is not None
+            )
+            lines.append(
+                f"        {p['symbol']:<9} {p['side']:<5} x{p['quantity']:<4g} @ {p['entry_price']:<9g} {rules:<28} {seen:<28} {p['state']}"
+            )
+        return lines
+
+    async def summary(self) -> None:
+        _, exits = await self.api("GET", "/api/v1/exits")
+        self.say("exits (from the journal):")
+        for e in reversed(exits["exits"]):
+            price = "-" if e["exit_price"] is None else f"{e['exit_price']:.2f}"
+            pnl = "-" if e["pnl"] is None else f"{e['pnl']:.2f}"
+            self.say(
+                f"  {e['symbol']:<9} {e['reason']:<13} on a {e['price_source']:<5} price -> {e['state']} at {price}, pnl {pnl}"
+            )
+        self.say(f"health   {self.api_url}/api/v1/monitoring/connection-health")
+        self.say(f"metrics  {self.api_url}/metrics")
+        self.say(f"API      {self.api_url}/api/v1/positions  (token in {self.state / 'api-token'})")
+
+
+async def run(duration: float | None, out: TextIO = sys.stdout) -> int:
+    demo = Demo(duration or DEFAULT_DURATION, out)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    viewer: asyncio.Task[None] | None = None
+    try:
+        await demo.start()
+        viewer = asyncio.create_task(demo.live_view())
+        script = asyncio.create_task(demo.script())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([script, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in (script, stopped):
+            task.cancel()
+        if script.done() and not script.cancelled() and script.exception() is not None:
+            raise script.exception()  # type: ignore[misc]
+        viewer.cancel()
+        await demo.summary()
+    finally:
+        if viewer is not None:
+            viewer.cancel()
+        await demo.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        shutil.rmtree(demo.state, ignore_errors=True)
+    print("demo finished; the temporary state was removed", file=out)
+    return 0

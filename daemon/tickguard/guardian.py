@@ -1,0 +1,288 @@
+"""The guard loop: the pure guard wired to the clock, the store, the executor and the logs.
+
+Prices are evaluated the moment they arrive (an exit never waits for the
+sweep) and again by the sweep every guard.sweep_interval, so positions are
+re-judged as prices age even when nothing arrives. Every decision is logged
+with the SPEC's prefixes and journalled before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tickguard.core.exits import Exit, ExitState
+from tickguard.core.guard import BlindChanged, Event, ExitDecided, Guard
+from tickguard.core.market import MarketCalendar
+from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState
+from tickguard.core.prices import Freshness, PriceSource, Quote
+from tickguard.executor import ExitExecutor, recover
+from tickguard.metrics import Metrics
+from tickguard.store import Store
+
+log = logging.getLogger(__name__)
+
+REPEAT_EVERY = 30.0  # a lasting condition is logged again at most this often per symbol
+TRAIL_SAVE_EVERY = 5.0  # trailing anchors reach the store at least this often
+
+
+class Throttle:
+    """Start/change/end/repeat logging of lasting conditions, per key."""
+
+    def __init__(self, every: float = REPEAT_EVERY) -> None:
+        self.every = every
+        self._logged: dict[str, tuple[str, float]] = {}
+
+    def due(self, key: str, state: str, now: float) -> bool:
+        """True when the condition starts or changes, or has lasted another `every`."""
+        last = self._logged.get(key)
+        if last is None or last[0] != state or now - last[1] >= self.every:
+            self._logged[key] = (state, now)
+            return True
+        return False
+
+    def end(self, key: str) -> bool:
+        """True if the condition was on (log its end)."""
+        return self._logged.pop(key, None) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseOutcome:
+    """How a manual close went, for the API."""
+
+    exit: Exit
+    position: Position
+    created: bool  # False: the exit was already in flight (or done)
+
+
+class Guardian:
+    def __init__(
+        self,
+        guard: Guard,
+        store: Store,
+        executor: ExitExecutor,
+        metrics: Metrics,
+        market: MarketCalendar,
+        *,
+        sweep_interval: float,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.guard = guard
+        self.store = store
+        self.executor = executor
+        self.metrics = metrics
+        self.market = market
+        self.sweep_interval = sweep_interval
+        self._mono = monotonic
+        self._wall = wall
+        self.sweeps = 0  # progress counter: the watchdog pings only when it moves
+        self.last_sweep_at: float | None = None
+        self.market_open = False
+        self._fallback_log = Throttle()
+        self._blind_log = Throttle()
+        self._saved_anchors: dict[int, float | None] = {}
+        self._last_trail_save = 0.0
+
+    # -- positions ------------------------------------------------------
+
+    def recover(self, config_positions: Iterable[PositionSpec]) -> None:
+        """Load positions from the store (resuming unfinished exits), then the config's new ones."""
+        now = self._mono()
+        recovered = recover(self.guard, self.store, self.executor, now)
+        for position in recovered:
+            self._saved_anchors[position.id] = position.trail_anchor
+            log.info("[GUARD] recovered %s", describe(position))
+        for spec in config_positions:
+            if self.store.latest_position(spec.symbol) is None:
+                self.add(spec, source="config")
+        self._gauges()
+
+    def add(self, spec: PositionSpec, *, source: str) -> Position:
+        """Guard a new position (StoreError if its symbol already has an active one)."""
+        position = self.store.add_position(spec, self._wall())
+        self.guard.add(position, self._mono())
+        self._saved_anchors[position.id] = None
+        self.store.audit("add_position", {"source": source, **spec_dict(spec)}, self._wall())
+        log.info("[GUARD] guarding %s (%s)", describe(position), source)
+        self._gauges()
+        self.evaluate([spec.symbol])
+        return position
+
+    def remove(self, symbol: str, *, source: str) -> Position:
+        """Stop guarding an open position without an order. KeyError / ValueError as Guard.remove."""
+        position = self.guard.remove(symbol)
+        self.store.delete_position(position, self._wall())
+        self.store.audit("remove_position", {"source": source, "symbol": symbol}, self._wall())
+        log.info("[GUARD] stopped guarding %s (%s); no order sent", symbol, source)
+        self._gauges()
+        return position
+
+    def close(self, symbol: str, reason: ExitReason) -> CloseOutcome:
+        """Start (or find) the manual exit of `symbol`. KeyError if it is not guarded."""
+        request = self.guard.close(symbol, reason, self._mono(), self._wall())
+        position = self.guard.position(symbol)
+        assert position is not None
+        if request.event is not None:
+            self._decided(request.event)
+        return CloseOutcome(request.exit, position, request.created)
+
+    # -- evaluation -----------------------------------------------------
+
+    def on_prices(self, symbols: list[str], source: PriceSource) -> None:
+        """New prices arrived: judge those symbols now."""
+        self.evaluate(symbols)
+
+    def evaluate(self, symbols: Iterable[str]) -> None:
+        now, wall = self._mono(), self._wall()
+        for symbol in symbols:
+            self._handle(self.guard.evaluate(symbol, now, wall, self.market_open))
+
+    def sweep(self) -> None:
+        """Judge every position; refresh gauges; log lasting fallback conditions."""
+        now, wall = self._mono(), self._wall()
+        self.market_open = self.market.is_open(datetime.now(UTC))
+        self.metrics.market_open.set(1 if self.market_open else 0)
+        self._handle(self.guard.sweep(now, wall, self.market_open))
+        for symbol in self.guard.symbols():
+            self._log_fallback(self.guard.quote(symbol, now), now)
+        self._save_anchors(now)
+        self._gauges()
+        self.sweeps += 1
+        self.last_sweep_at = now
+
+    async def run(self) -> None:
+        """The sweep loop, forever."""
+        while True:
+            self.sweep()
+            await asyncio.sleep(self.sweep_interval)
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, ExitDecided):
+                self._decided(event)
+            elif isinstance(event, BlindChanged):
+                self._blind(event)
+
+    def _decided(self, event: ExitDecided) -> None:
+        exit, quote = event.exit, event.quote
+        if event.trigger is not None:
+            log.warning(
+                "[%s] %s: %s%s",
+                event.trigger.log_tag,
+                exit.symbol,
+                event.trigger.describe(exit.side),
+                _fallback_note(quote),
+            )
+        elif exit.reason is ExitReason.BLIND:
+            log.warning(
+                "[BLIND] %s: no usable price for %.0fs with the market open; closing (blind_policy=close)",
+                exit.symbol,
+                quote.age,
+            )
+        else:
+            log.warning("[EXIT] %s: manual close requested (%s)", exit.symbol, exit.reason.value)
+        self.executor.submit(event)  # journalled (durably) before it is sent
+
+    def _blind(self, event: BlindChanged) -> None:
+        if event.blind:
+            log.warning(
+                "[BLIND] %s: no usable price for %.0fs with the market open; policy %s",
+                event.symbol,
+                event.quote.age,
+                self.guard.blind_policy.value,
+            )
+        else:
+            log.info("[BLIND] %s: usable price again", event.symbol)
+
+    def _log_fallback(self, quote: Quote, now: float) -> None:
+        symbol = quote.symbol
+        if quote.price is not None and quote.usable and quote.source is not PriceSource.LIVE:
+            kind = "stale" if quote.freshness is Freshness.STALE else quote.source.value
+            if self._fallback_log.due(symbol, kind, now):
+                log.warning(
+                    "[FALLBACK] Using %s price for %s: %.2f (%.0fs old)",
+                    kind,
+                    symbol,
+                    quote.price.value,
+                    quote.age,
+                )
+        elif self._fallback_log.end(symbol) and quote.source is PriceSource.LIVE:
+            log.info("[FALLBACK] %s: live price again", symbol)
+
+    # -- exits settling (the executor's listener) -----------------------
+
+    def on_exit(self, exit: Exit, position: Position | None, elapsed: float | None) -> None:
+        if elapsed is not None:
+            self.metrics.order_seconds.observe(elapsed)
+        if exit.state is ExitState.FILLED:
+            self.metrics.exits.labels(exit.reason.value, exit.price_source.value).inc()
+        elif exit.state is ExitState.REJECTED:
+            self.metrics.exit_failures.labels("rejected").inc()
+        elif exit.state is ExitState.RETRY:
+            why = "timeout" if "timed out" in exit.detail else "unavailable"
+            self.metrics.exit_failures.labels(why).inc()
+        self._gauges()
+
+    # -- helpers ----------------------------------------------------------
+
+    def _gauges(self) -> None:
+        self.metrics.open_positions.set(len(self.guard.positions()))
+
+    def _save_anchors(self, now: float) -> None:
+        if now - self._last_trail_save < TRAIL_SAVE_EVERY:
+            return
+        self._last_trail_save = now
+        changed = [
+            p
+            for p in self.guard.positions()
+            if p.state is PositionState.OPEN and self._saved_anchors.get(p.id) != p.trail_anchor
+        ]
+        if changed:
+            self.store.save_positions(changed, self._wall())
+            for p in changed:
+                self._saved_anchors[p.id] = p.trail_anchor
+
+    def save_all(self) -> None:
+        """Persist every trailing anchor now (at shutdown)."""
+        self._last_trail_save = -TRAIL_SAVE_EVERY
+        self._save_anchors(self._mono())
+
+
+def _fallback_note(quote: Quote) -> str:
+    if quote.source is PriceSource.LIVE:
+        return ""
+    return f" (FALLBACK) via {quote.source.value}, {quote.age:.0f}s old"
+
+
+def spec_dict(spec: PositionSpec) -> dict[str, object]:
+    return {
+        "symbol": spec.symbol,
+        "side": spec.side.value,
+        "quantity": spec.quantity,
+        "entry_price": spec.entry_price,
+        "stop_loss": spec.stop_loss,
+        "take_profit": spec.take_profit,
+        "trailing_stop": spec.trailing_stop,
+    }
+
+
+def describe(position: Position) -> str:
+    spec = position.spec
+    rules = [
+        f"{name} {value:g}"
+        for name, value in (
+            ("SL", spec.stop_loss),
+            ("TP", spec.take_profit),
+            ("trail", spec.trailing_stop),
+        )
+        if value is not None
+    ]
+    return (
+        f"{spec.symbol} {spec.side.value} {spec.quantity:g} @ {spec.entry_price:g}"
+        f" ({', '.join(rules) or 'no rules'}) [{position.state.value}]"
+    )
