@@ -215,11 +215,19 @@ async def build(config: Config) -> Daemon:
 
 async def run(config: Config, *, stop: asyncio.Event | None = None) -> int:
     """Run the daemon until `stop` is set (or SIGTERM/SIGINT). Returns the exit code."""
+    return await serve(await build(config), stop=stop)
+
+
+async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
+    """Run a built daemon until `stop` is set (or SIGTERM/SIGINT), then close it.
+
+    Returns the exit code. Tests reach into the daemon (its broker's faults,
+    its guardian) between `build` and `serve`.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = await build(config)
     try:
         return await _serve(daemon, stop)
     finally:

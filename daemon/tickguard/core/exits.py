@@ -50,9 +50,9 @@ class InvalidTransition(ValueError):
         return f"exit {self.client_order_id}: cannot {self.event} while {self.state.value}"
 
 
-def retry_delay(attempts: int) -> float:
-    """Delay before the next send after `attempts` failed ones (bounded exponential)."""
-    return min(RETRY_MAX_DELAY, RETRY_INITIAL_DELAY * 2.0 ** max(0, attempts - 1))
+def retry_delay(failures: int) -> float:
+    """Delay before trying again after `failures` unanswered calls in a row (bounded exponential)."""
+    return min(RETRY_MAX_DELAY, RETRY_INITIAL_DELAY * 2.0 ** max(0, failures - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,7 @@ class Exit:
     decided_at: float  # wall-clock epoch seconds, for the journal only
     state: ExitState = ExitState.PENDING
     attempts: int = 0  # sends so far
+    failures: int = 0  # unanswered sends and lookups in a row: grows the retry delay
     retry_at: float | None = None  # monotonic; set in RETRY
     fill_price: float | None = None
     broker_order_id: str | None = None
@@ -118,7 +119,8 @@ class Exit:
             "retry",
             (ExitState.PENDING, ExitState.SENT, ExitState.RETRY),
             state=ExitState.RETRY,
-            retry_at=now + retry_delay(max(1, self.attempts)),
+            failures=self.failures + 1,
+            retry_at=now + retry_delay(self.failures + 1),
             detail=detail,
         )
 

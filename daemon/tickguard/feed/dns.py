@@ -221,7 +221,10 @@ class AiohttpResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        resolved = await self._chain.resolve(host, port)
+        try:
+            resolved = await self._chain.resolve(host, port)
+        except FeedError as exc:
+            raise OSError(f"cannot resolve {host}: {exc.detail}") from None  # aiohttp's contract
         results: list[ResolveResult] = []
         for address in resolved.addresses:
             fam = socket.AF_INET6 if ":" in address else socket.AF_INET

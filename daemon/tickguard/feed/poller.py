@@ -82,7 +82,7 @@ class FallbackPoller:
                 self._failed(f"rate limited (HTTP 429), next poll in {delay:g}s")
             except TimeoutError:
                 self._failed(f"no answer within {max(1.0, self.interval):g}s")
-            except (aiohttp.ClientError, ValueError) as exc:
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
                 self._failed(str(exc) or exc.__class__.__name__)
             await asyncio.sleep(max(0.0, delay - (self._mono() - started)))
 

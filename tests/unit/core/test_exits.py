@@ -73,3 +73,13 @@ def test_retry_delay_is_bounded_exponential() -> None:
     """Retry delays double from 0.5 s and stop at the cap."""
     assert [retry_delay(n) for n in (0, 1, 2, 3)] == [0.5, 0.5, 1.0, 2.0]
     assert retry_delay(100) == RETRY_MAX_DELAY
+
+
+def test_repeated_failures_grow_the_delay_even_without_sends() -> None:
+    """Failed lookups (no new send) still back off: the delay grows with failures in a row."""
+    e = exit_().sending().unavailable("timeout", 0.0)
+    first = (e.retry_at or 0.0) - 0.0
+    e = e.unavailable("lookup failed", 100.0)
+    e = e.unavailable("lookup failed", 200.0)
+    assert e.attempts == 1 and e.failures == 3
+    assert (e.retry_at or 0.0) - 200.0 == retry_delay(3) > first

@@ -329,3 +329,49 @@ class GuardMachine(RuleBasedStateMachine):
 
 TestGuardMachine = GuardMachine.TestCase
 TestGuardMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_positions_lists_guarded_positions_as_they_change() -> None:
+    """positions() lists every guarded position in its current state and drops filled ones."""
+    g = make()
+    assert g.positions() == []
+    g.add(long("A", 1), 0.0)
+    g.add(long("B", 2), 0.0)
+    assert [(p.symbol, p.state) for p in g.positions()] == [
+        ("A", PositionState.OPEN),
+        ("B", PositionState.OPEN),
+    ]
+    cid = g.close("A", ExitReason.EMERGENCY, 1.0, 0.0).exit.client_order_id
+    assert [(p.symbol, p.state) for p in g.positions()] == [
+        ("A", PositionState.EXITING),
+        ("B", PositionState.OPEN),
+    ]
+    g.exit_sending(cid)
+    g.exit_filled(cid, 99.0, "b")
+    assert [p.symbol for p in g.positions()] == ["B"]
+
+
+def test_quote_ages_a_guarded_symbol_from_when_it_was_guarded() -> None:
+    """A guarded symbol without a price is aged from its guarding; an unknown one never had an age."""
+    g = make()
+    g.add(long("A"), 10.0)
+    guarded = g.quote("A", 25.0)
+    assert guarded.price is None and guarded.age == 15.0 and not guarded.usable
+    unknown = g.quote("Z", 25.0)
+    assert unknown.price is None and unknown.age == float("inf")
+    assert unknown.source is PriceSource.NONE
+
+
+def test_quote_source_follows_channel_health() -> None:
+    """A guarded symbol's quote is live while the socket is healthy and cache once it is down."""
+    g = make()
+    g.add(long("A"), 0.0)
+    g.book.channel_up(LIVE, 0.0)
+    g.book.update("A", 101.0, None, LIVE, 1.0)
+    assert g.book.channel_healthy(LIVE) and not g.book.channel_healthy(POLL)
+    q = g.quote("A", 50.0)
+    assert (q.source, q.age, q.price and q.price.value) == (LIVE, 0.0, 101.0)
+    g.book.channel_down(LIVE)
+    assert not g.book.channel_healthy(LIVE)
+    q = g.quote("A", 50.0)
+    assert (q.source, q.age) == (CACHE, 49.0) and q.usable
