@@ -173,22 +173,10 @@ def test_logging_is_one_line_without_timestamp(capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().err == "DEBUG tickguard.feed: attempt 5\n"
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["run", "--config", "/x.toml"],
-        ["demo", "--duration", "2.5"],
-        ["simulate", "--listen", "127.0.0.1:0", "--symbols", "3"],
-        ["status", "--url", "http://127.0.0.1:8000"],
-        ["close", "BOSCHLTD", "--reason", "stop_loss", "--url", "http://x", "--token-file", "t"],
-    ],
-)
-def test_unwritten_commands_parse_and_say_so(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Each SPEC command parses its options and, until written, says so and exits 1."""
-    assert cli.main(argv) == 1
-    assert capsys.readouterr().err == f"tickguard {argv[0]}: not implemented yet\n"
+def test_status_of_a_closed_port_is_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
+    """status against a URL where nothing listens exits 2 and says unreachable."""
+    assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 2
+    assert "unreachable" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
