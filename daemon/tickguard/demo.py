@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import aiohttp
 
 DEFAULT_DURATION = 50.0
+MIN_TIMELINE = 30.0  # the shortest run that still shows the whole outage
 EVENT_PREFIXES = (
     "[SL]",
     "[TP]",
@@ -227,8 +228,11 @@ class Demo:
              lambda: self._cached_exit(r)),
             (36, "the network comes back", lambda: self.sim_call("/faults", {"mode": "none"})),
         ]  # fmt: skip
+        # The timeline is written for DEFAULT_DURATION; shorter runs squeeze it (down to
+        # MIN_TIMELINE, below which the outage is simply cut short).
+        scale = max(self.duration, MIN_TIMELINE) / DEFAULT_DURATION
         for at, text, action in steps:
-            await self._until(at)
+            await self._until(at * scale)
             self.phase = text.split(":")[0]
             self.say(f"== {text}")
             await action()
@@ -313,11 +317,13 @@ async def run(duration: float | None, out: TextIO = sys.stdout) -> int:
         viewer = asyncio.create_task(demo.live_view())
         script = asyncio.create_task(demo.script())
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([script, stopped], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [script, stopped], timeout=demo.duration, return_when=asyncio.FIRST_COMPLETED
+        )
         for task in (script, stopped):
             task.cancel()
-        if script.done() and not script.cancelled() and script.exception() is not None:
-            raise script.exception()  # type: ignore[misc]
+        if script.done() and not script.cancelled() and (error := script.exception()) is not None:
+            raise error
         viewer.cancel()
         await demo.summary()
     finally:
