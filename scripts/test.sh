@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
 echo "== ruff"; .venv/bin/ruff check daemon tests
 echo "== mypy --strict"; .venv/bin/mypy --strict daemon/tickguard
+echo "== prometheus (promtool and server for the alert and dashboard tests)"; scripts/install-prometheus.sh
 echo "== pytest"; .venv/bin/pytest "$@"

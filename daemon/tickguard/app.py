@@ -112,6 +112,8 @@ async def build(config: Config) -> Daemon:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     metrics = Metrics(registry)
+    metrics.price_stale_threshold.set(config.prices.stale_warning)
+    metrics.price_cache_timeout.set(config.prices.cache_timeout)
     book = PriceBook(config.prices.stale_warning, config.prices.cache_timeout)
     guard = Guard(
         book,

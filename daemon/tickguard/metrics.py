@@ -28,6 +28,7 @@ NETWORK_ERROR_KINDS = (
 )
 EXIT_REASONS = ("stop_loss", "take_profit", "trailing_stop", "blind", "emergency")
 PRICE_SOURCES = ("live", "poll", "cache", "manual", "none")
+EXIT_FAILURE_REASONS = ("rejected", "timeout", "unavailable")
 ORDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -107,6 +108,18 @@ class Metrics:
             "Last measured event-loop scheduling delay",
             registry=r,
         )
+        # The freshness thresholds from the config (prices.*), so alert rules and
+        # dashboards compare ages against the daemon's own settings.
+        self.price_stale_threshold = Gauge(
+            "tickguard_price_stale_threshold_seconds",
+            "prices.stale_warning: older prices are stale",
+            registry=r,
+        )
+        self.price_cache_timeout = Gauge(
+            "tickguard_price_cache_timeout_seconds",
+            "prices.cache_timeout: older prices are unusable",
+            registry=r,
+        )
         self.build_info = Info("tickguard_build", "tickguard build information", registry=r)
         self.build_info.info({"version": __version__})
         # Pre-create the labelled series so dashboards see zeros, not gaps.
@@ -117,6 +130,13 @@ class Metrics:
         for resolver in ("primary", "fallback", "last_known_good"):
             for outcome in ("ok", "fail"):
                 self.dns_lookups.labels(resolver, outcome)
+        # Exits and failures too: a counter first seen at 1 is invisible to
+        # increase(), so alerts on a first exit would never fire.
+        for reason in EXIT_REASONS:
+            for price_source in PRICE_SOURCES:
+                self.exits.labels(reason, price_source)
+        for why in EXIT_FAILURE_REASONS:
+            self.exit_failures.labels(why)
 
 
 class AgeCollector(Collector):

@@ -127,8 +127,11 @@ class PriceBook:
         source: PriceSource,
         now: float,
     ) -> bool:
-        """Record a price; False (and nothing changes) if it is older in exchange time."""
+        """Record a price; False (and nothing changes) if it is older in exchange time, or
+        a poll price for a symbol the healthy socket has priced this session."""
         current = self._prices.get(symbol)
+        if current is not None and source is not current.source and self._is_live_current(current):
+            return False  # a healthy socket is authoritative: a late poll answer does not replace it
         if (
             current is not None
             and exchange_ts is not None
@@ -139,6 +142,10 @@ class PriceBook:
         session = self._channels[source].session
         self._prices[symbol] = Price(value, exchange_ts, now, source, session, now)
         return True
+
+    def _is_live_current(self, price: Price) -> bool:
+        live = self._channels[PriceSource.LIVE]
+        return price.source is PriceSource.LIVE and live.healthy and price.session == live.session
 
     def get(self, symbol: str) -> Price | None:
         return self._prices.get(symbol)
@@ -157,10 +164,7 @@ class PriceBook:
             return Quote(symbol, None, age, Freshness.UNUSABLE, PriceSource.NONE)
         channel = self._channels[price.source]
         current = channel.healthy and price.session == channel.session
-        if current and price.source is PriceSource.LIVE:
-            age = 0.0
-        else:
-            age = max(0.0, now - price.known_at)
+        age = 0.0 if self._is_live_current(price) else max(0.0, now - price.known_at)
         source = price.source if current else PriceSource.CACHE
         return Quote(symbol, price, age, self.freshness(age), source)
 

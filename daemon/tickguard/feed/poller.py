@@ -104,6 +104,8 @@ class FallbackPoller:
                 raise RateLimited(_retry_after(response.headers.get("Retry-After")))
             response.raise_for_status()
             body = await response.json(content_type=None)
+        if not self._supervisor.fallback_active:
+            return  # live data came back while this answer was in flight: it is late
         now = self._mono()
         decoded = decode_poll(body, set(symbols))
         for reason in decoded.errors:
@@ -119,7 +121,7 @@ class FallbackPoller:
         if self.last_error:
             log.info("[FALLBACK] poll of %s works again", self._host)
         self.last_success, self.last_error = now, ""
-        if updated and self._supervisor.fallback_active:
+        if updated:
             self._on_prices(updated, PriceSource.POLL)
 
     def _failed(self, why: str) -> None:

@@ -151,3 +151,18 @@ def test_exchange_time_never_moves_backwards(ticks: list[tuple[int, float]]) -> 
         b.update("A", value, ts, LIVE, float(i))
     price = b.get("A")
     assert price is not None and price.exchange_ts == max(ts for ts, _ in ticks)
+
+
+def test_late_poll_answer_does_not_replace_a_live_price() -> None:
+    """A poll answer arriving after the socket priced the symbol is ignored, whatever its time."""
+    b = book()
+    b.channel_up(LIVE, 0.0)
+    b.update("A", 100.0, 5000, LIVE, 1.0)
+    b.channel_up(POLL, 1.0)
+    assert not b.update("A", 100.0, 5000, POLL, 1.5)
+    assert not b.update("A", 101.0, 6000, POLL, 1.6)
+    b.channel_down(POLL)
+    q = b.quote("A", 500.0)
+    assert q.source is LIVE and q.age == 0.0
+    b.channel_down(LIVE)
+    assert b.update("A", 99.0, 7000, POLL, 501.0)  # the socket is down: the poll rules again
