@@ -305,9 +305,8 @@ async def close_one(d: Daemon, symbol: str, reason: ExitReason) -> tuple[dict[st
         )
     outcome: CloseOutcome = d.guardian.close(symbol, reason)
     try:
-        exit = await asyncio.wait_for(
-            d.executor.first_outcome(outcome.exit.client_order_id), d.close_wait
-        )
+        async with asyncio.timeout(d.close_wait):
+            exit = await d.executor.first_outcome(outcome.exit.client_order_id)
     except TimeoutError:
         exit = d.guard.exit(outcome.exit.client_order_id) or outcome.exit
     return _close_result(outcome.position, exit)

@@ -124,7 +124,8 @@ class ExitExecutor:
                 await asyncio.sleep(max(0.0, exit.retry_at - self._monotonic()))
             if lookup:
                 try:
-                    report = await asyncio.wait_for(self.broker.find_order(cid), self.order_timeout)
+                    async with asyncio.timeout(self.order_timeout):  # not wait_for (see feed)
+                        report = await self.broker.find_order(cid)
                 except (BrokerUnavailable, TimeoutError) as exc:
                     self._unavailable(cid, f"lookup failed: {_why(exc)}")
                     continue
@@ -140,9 +141,8 @@ class ExitExecutor:
             self.store.update_exit(exit, self._wall())
             started = self._monotonic()
             try:
-                report = await asyncio.wait_for(
-                    self.broker.place_exit(_order(exit)), self.order_timeout
-                )
+                async with asyncio.timeout(self.order_timeout):
+                    report = await self.broker.place_exit(_order(exit))
             except BrokerRejected as exc:
                 self._rejected(cid, exc.detail, None, self._monotonic() - started)
                 return

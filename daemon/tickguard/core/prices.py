@@ -131,7 +131,9 @@ class PriceBook:
         a poll price for a symbol the healthy socket has priced this session."""
         current = self._prices.get(symbol)
         if current is not None and source is not current.source and self._is_live_current(current):
-            return False  # a healthy socket is authoritative: a late poll answer does not replace it
+            return (
+                False  # a healthy socket is authoritative: a late poll answer does not replace it
+            )
         if (
             current is not None
             and exchange_ts is not None

@@ -263,7 +263,10 @@ class FeedSupervisor:
             try:
                 # Past the deadline (market closed): look again at least every second.
                 timeout = wait if wait > 0 else min(silence, 1.0)
-                frame = await asyncio.wait_for(ws.recv(), timeout=timeout)
+                # Not wait_for: on 3.11 it swallows a cancellation that arrives as
+                # recv() completes, and the supervisor would then never stop.
+                async with asyncio.timeout(timeout):
+                    frame = await ws.recv()
             except TimeoutError:
                 if self._market_open() and self._mono() - self.last_frame_at >= silence:
                     return Failure("silence", f"no data for {silence:g}s")
