@@ -22,7 +22,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tickguard.core.exits import Exit, ExitState
-from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
+from tickguard.core.positions import (
+    POSITION_FIELDS,
+    ExitReason,
+    Position,
+    PositionSpec,
+    PositionState,
+    parse_spec,
+)
 from tickguard.core.prices import Freshness, Quote
 from tickguard.errors import StoreError
 from tickguard.guardian import CloseOutcome
@@ -36,15 +43,6 @@ log = logging.getLogger(__name__)
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 MAX_BODY = 64 * 1024
 CLOSE_REASONS = ("stop_loss", "take_profit", "emergency")
-SPEC_FIELDS = (
-    "symbol",
-    "side",
-    "quantity",
-    "entry_price",
-    "stop_loss",
-    "take_profit",
-    "trailing_stop",
-)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -376,7 +374,7 @@ async def list_positions(request: web.Request) -> web.Response:
 
 def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
     spec = p.spec
-    data: dict[str, Any] = {"id": p.id, **{f: getattr(spec, f) for f in SPEC_FIELDS}}
+    data: dict[str, Any] = {"id": p.id, **{f: getattr(spec, f) for f in POSITION_FIELDS}}
     data["side"] = spec.side.value
     data["state"] = p.state.value
     data["trailing_level"] = p.trailing_level()
@@ -404,28 +402,15 @@ async def add_position(request: web.Request) -> web.Response:
 
 
 def _spec(body: dict[str, Any]) -> PositionSpec:
-    _only(body, SPEC_FIELDS)
-    problems = [f"{f}: required" for f in SPEC_FIELDS[:4] if f not in body]
-    if problems:
-        raise ApiError(400, "bad_request", "; ".join(problems))
-    symbol, side = body["symbol"], body["side"]
-    if not isinstance(symbol, str):
-        raise ApiError(400, "bad_request", f"symbol: {symbol!r} is invalid; expected a string")
-    if side not in ("long", "short"):
-        raise ApiError(400, "bad_request", f"side: {side!r} is invalid; expected long or short")
-    numbers: dict[str, float | None] = {}
-    for field in SPEC_FIELDS[2:]:
-        value = body.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ApiError(400, "bad_request", f"{field}: {value!r} is invalid; expected a number")
-        numbers[field] = None if value is None else float(value)
-    spec = PositionSpec(symbol, Side(side), **numbers)  # type: ignore[arg-type]
-    found = spec.problems()
-    if found:
+    _only(body, POSITION_FIELDS)
+    spec, problems = parse_spec(body)
+    if spec is None:
         raise ApiError(
             400,
             "bad_request",
-            "; ".join(f"{p.field}: {p.value!r} is invalid; expected {p.expected}" for p in found),
+            "; ".join(
+                f"{p.field}: {p.value!r} is invalid; expected {p.expected}" for p in problems
+            ),
         )
     return spec
 

@@ -27,7 +27,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from tickguard.core.guard import BlindPolicy
-from tickguard.core.positions import PositionSpec, Side
+from tickguard.core.positions import MISSING, POSITION_FIELDS, PositionSpec, parse_spec
 from tickguard.errors import ConfigError, ConfigProblem
 
 # Where the config file is looked for when `tickguard run` gets no --config.
@@ -139,17 +139,6 @@ DEFAULTS: Final[Mapping[str, object]] = _frozen(
         "broker": {"kind": DEFAULT_BROKER_KIND},
     }
 )
-
-POSITION_FIELDS: Final = (
-    "symbol",
-    "side",
-    "quantity",
-    "entry_price",
-    "stop_loss",
-    "take_profit",
-    "trailing_stop",
-)
-_REQUIRED_POSITION_FIELDS: Final = frozenset(POSITION_FIELDS[:4])
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,14 +434,7 @@ def _port(text: str, lowest: int, expected: str) -> int:
 # The table walker: collects problems, remembers which keys were read
 
 
-class _Missing:
-    """Marks an absent required key; shown as <missing> in messages."""
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING: Final = _Missing()
+_MISSING: Final = MISSING  # marks an absent required key; shown as <missing>
 
 
 class _Table:
@@ -874,47 +856,12 @@ def _positions(root: _Table) -> tuple[PositionSpec, ...]:
 
 def _position(t: _Table) -> PositionSpec | None:
     """The entry as a PositionSpec, or None when it has problems (all of them recorded)."""
-    fields: dict[str, object] = {}
-    for name in POSITION_FIELDS:
-        value = t.get(name, _MISSING)
-        if value is _MISSING:
-            if name in _REQUIRED_POSITION_FIELDS:
-                t.problem(name, value, _POSITION_EXPECTED[name])
-        elif _POSITION_TYPE_OK[name](value):
-            fields[name] = float(value) if isinstance(value, int) else value
-        else:
-            t.problem(name, value, _POSITION_EXPECTED[name])
-    if t.bad:
-        return None
-    spec = PositionSpec(
-        symbol=str(fields.pop("symbol")),
-        side=Side(fields.pop("side")),
-        **fields,  # type: ignore[arg-type]
-    )
-    for problem in spec.problems():
+    t.used.update(POSITION_FIELDS)  # finish() then names only unknown keys
+    spec, problems = parse_spec(t.data)
+    for problem in problems:
         t.problem(problem.field, problem.value, problem.expected)
-    return None if t.bad else spec
+    return spec
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-_POSITION_EXPECTED: Final = {
-    "symbol": "a non-empty symbol string",
-    "side": "'long' or 'short'",
-    "quantity": "a finite number > 0",
-    "entry_price": "a finite price > 0",
-    "stop_loss": "a finite price > 0",
-    "take_profit": "a finite price > 0",
-    "trailing_stop": "a finite distance in price units > 0",
-}
-_POSITION_TYPE_OK: Final[Mapping[str, Callable[[object], bool]]] = {
-    "symbol": lambda v: isinstance(v, str),
-    "side": lambda v: v in {s.value for s in Side},
-    "quantity": _is_number,
-    "entry_price": _is_number,
-    "stop_loss": _is_number,
-    "take_profit": _is_number,
-    "trailing_stop": _is_number,
-}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -72,6 +73,74 @@ class PositionSpec:
 
 def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
+
+
+class _Missing:
+    """Marks an absent required field; shown as <missing> in messages."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING = _Missing()
+
+# The fields of a position as users write them (config `[[positions]]`, API bodies).
+POSITION_FIELDS = (
+    "symbol",
+    "side",
+    "quantity",
+    "entry_price",
+    "stop_loss",
+    "take_profit",
+    "trailing_stop",
+)
+REQUIRED_POSITION_FIELDS = POSITION_FIELDS[:4]
+_EXPECTED = {
+    "symbol": "a non-empty symbol string",
+    "side": "'long' or 'short'",
+    "quantity": "a finite number > 0",
+    "entry_price": "a finite price > 0",
+    "stop_loss": "a finite price > 0",
+    "take_profit": "a finite price > 0",
+    "trailing_stop": "a finite distance in price units > 0",
+}
+
+
+def _type_ok(name: str, value: object) -> bool:
+    if name == "symbol":
+        return isinstance(value, str)
+    if name == "side":
+        return value in ("long", "short")
+    return not isinstance(value, bool) and isinstance(value, int | float)
+
+
+def parse_spec(data: Mapping[str, object]) -> tuple[PositionSpec | None, list[FieldProblem]]:
+    """A position from user input (a config table or an API body): the spec, or every problem.
+
+    Missing required fields, wrong types and broken rules are reported;
+    unknown fields are the caller's business (it knows where they came from).
+    `null` counts as absent for the optional fields.
+    """
+    problems: list[FieldProblem] = []
+    values: dict[str, object] = {}
+    for name in POSITION_FIELDS:
+        value = data.get(name)
+        if value is None:
+            if name in REQUIRED_POSITION_FIELDS:
+                problems.append(FieldProblem(name, MISSING, _EXPECTED[name]))
+        elif _type_ok(name, value):
+            values[name] = float(value) if isinstance(value, int) else value
+        else:
+            problems.append(FieldProblem(name, value, _EXPECTED[name]))
+    if problems:
+        return None, problems
+    spec = PositionSpec(
+        symbol=str(values.pop("symbol")),
+        side=Side(values.pop("side")),
+        **values,  # type: ignore[arg-type]
+    )
+    problems = spec.problems()
+    return (None, problems) if problems else (spec, [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tickguard.core.positions import (
+    MISSING,
     ExitReason,
     Position,
     PositionSpec,
     Side,
     Trigger,
     check_triggers,
+    parse_spec,
 )
 
 LONG, SHORT = Side.LONG, Side.SHORT
@@ -132,3 +134,32 @@ def test_trailing_stop_never_loosens(side: Side, distance: float, path: list[flo
         assert new is not None
         assert new >= level if side is LONG else new <= level
         level = new
+
+
+def test_parse_spec_from_user_input() -> None:
+    """User input parses to a spec with ints as floats and nulls as absent, or names every problem."""
+    spec, problems = parse_spec(
+        {"symbol": "A", "side": "short", "quantity": 3, "entry_price": 10, "stop_loss": None}
+    )
+    assert problems == [] and spec == PositionSpec("A", Side.SHORT, 3.0, 10.0)
+    spec, problems = parse_spec({"symbol": 5, "side": "up", "quantity": True, "take_profit": "9"})
+    assert spec is None
+    assert [(p.field, p.value) for p in problems] == [
+        ("symbol", 5),
+        ("side", "up"),
+        ("quantity", True),
+        ("entry_price", MISSING),
+        ("take_profit", "9"),
+    ]
+    assert repr(MISSING) == "<missing>"
+    spec, problems = parse_spec(
+        {
+            "symbol": "A",
+            "side": "long",
+            "quantity": 1,
+            "entry_price": 10,
+            "stop_loss": 12,
+            "take_profit": 11,
+        }
+    )
+    assert spec is None and [p.field for p in problems] == ["stop_loss"]
