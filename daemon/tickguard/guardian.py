@@ -187,6 +187,7 @@ class Guardian:
         else:
             log.warning("[EXIT] %s: manual close requested (%s)", exit.symbol, exit.reason.value)
         self.executor.submit(event)  # journalled (durably) before it is sent
+        self.metrics.exits.labels(exit.reason.value, exit.price_source.value).inc()
 
     def _blind(self, event: BlindChanged) -> None:
         if event.blind:
@@ -219,9 +220,7 @@ class Guardian:
     def on_exit(self, exit: Exit, position: Position | None, elapsed: float | None) -> None:
         if elapsed is not None:
             self.metrics.order_seconds.observe(elapsed)
-        if exit.state is ExitState.FILLED:
-            self.metrics.exits.labels(exit.reason.value, exit.price_source.value).inc()
-        elif exit.state is ExitState.REJECTED:
+        if exit.state is ExitState.REJECTED:
             self.metrics.exit_failures.labels("rejected").inc()
         elif exit.state is ExitState.RETRY:
             why = "timeout" if "timed out" in exit.detail else "unavailable"
