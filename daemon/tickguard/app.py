@@ -51,6 +51,7 @@ SHUTDOWN_EXIT_WAIT = 5.0  # seconds exits in flight get to finish at shutdown
 API_SHUTDOWN_TIMEOUT = 2.0
 CRASHES_TOLERATED = 5  # per task per CRASH_WINDOW before the daemon gives up (exit 1)
 CRASH_WINDOW = 60.0
+CRASH_PAUSE = 0.1  # first pause before restarting a crashed task; doubles, capped at 5 s
 
 
 @dataclass
@@ -315,7 +316,7 @@ def _keep_running(
                     )
                     failed.set()
                     return
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** len(crashes)))
+                await asyncio.sleep(min(5.0, CRASH_PAUSE * 2 ** len(crashes)))
 
     return asyncio.create_task(loop(), name=name)
 
