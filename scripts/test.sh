@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
-echo "== ruff"; .venv/bin/ruff check daemon tests
+echo "== ruff"; .venv/bin/ruff check daemon tests benchmarks
 echo "== mypy --strict"; .venv/bin/mypy --strict daemon/tickguard
 echo "== prometheus (promtool and server for the alert and dashboard tests)"; scripts/install-prometheus.sh
 if command -v dpkg-deb >/dev/null; then echo "== deb (for the tests under a real systemd)"; packaging/build-deb.sh; fi
