@@ -260,7 +260,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     log.info("[HTTP] listening on %s:%d", bound[0], bound[1])
     if d.token is None:
         log.warning("[HTTP] no API token configured: mutating routes answer 503")
-    failed = asyncio.Event()
+    failed = d.guardian.fatal  # set when the journal fails or a task keeps crashing
     d.tasks = [
         _keep_running(d, "feed", d.supervisor.run, failed),
         _keep_running(d, "guard", d.guardian.run, failed),
@@ -280,7 +280,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     stopper.cancel()
     crashed.cancel()
     code = 1 if failed.is_set() else 0
-    log.info("shutting down (%s)", "a task kept crashing" if code else "signal")
+    log.info("shutting down (%s)", "fatal error" if code else "signal")
     d.notifier.stopping()
     await runner.cleanup()  # stop accepting requests
     if not await d.executor.drain(SHUTDOWN_EXIT_WAIT):

@@ -20,6 +20,7 @@ from tickguard.core.guard import BlindChanged, Event, ExitDecided, Guard
 from tickguard.core.market import MarketCalendar
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState
 from tickguard.core.prices import Freshness, PriceSource, Quote
+from tickguard.errors import StoreError
 from tickguard.executor import ExitExecutor, recover
 from tickguard.metrics import Metrics
 from tickguard.store import Store
@@ -87,6 +88,9 @@ class Guardian:
         self._blind_log = Throttle()
         self._saved_anchors: dict[int, float | None] = {}
         self._last_trail_save = 0.0
+        # Set when guarding can no longer be trusted (the journal cannot be written):
+        # the daemon then exits 1 and systemd restarts it from what the store holds.
+        self.fatal = asyncio.Event()
 
     # -- positions ------------------------------------------------------
 
@@ -186,7 +190,14 @@ class Guardian:
             )
         else:
             log.warning("[EXIT] %s: manual close requested (%s)", exit.symbol, exit.reason.value)
-        self.executor.submit(event)  # journalled (durably) before it is sent
+        try:
+            self.executor.submit(event)  # journalled (durably) before it is sent
+        except StoreError as exc:
+            # Never send an exit the journal does not hold: after a restart it would
+            # not be reconciled. Exit so systemd restarts us from the store's state.
+            log.critical("[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc)
+            self.fatal.set()
+            return
         self.metrics.exits.labels(exit.reason.value, exit.price_source.value).inc()
 
     def _blind(self, event: BlindChanged) -> None:

@@ -149,13 +149,17 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One durable transaction; any SQLite failure surfaces as StoreError."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self.path}: {exc}") from exc
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -206,8 +210,10 @@ class Store:
                         wall,
                     ),
                 )
-        except sqlite3.IntegrityError as exc:
-            raise StoreError(f"{spec.symbol} already has an active position") from exc
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise StoreError(f"{spec.symbol} already has an active position") from exc
+            raise
         assert cursor.lastrowid is not None
         return Position(cursor.lastrowid, spec)
 

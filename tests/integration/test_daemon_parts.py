@@ -54,7 +54,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[app.Daemon]:
         yield d
     finally:
         await d.session.close()
-        d.store.close()
+        d.store.close()  # closing twice is harmless
 
 
 async def test_metrics_output_passes_promtool_check_metrics(daemon: app.Daemon) -> None:
@@ -173,3 +173,15 @@ async def test_crashed_task_is_logged_counted_and_restarted(
         registry.get_sample_value("tickguard_task_crashes_total", {"task": "broken"})
         == app.CRASHES_TOLERATED + 1
     )
+
+
+async def test_an_exit_the_journal_cannot_hold_is_not_sent(daemon: app.Daemon) -> None:
+    """When the journal write fails, the exit is not sent and the daemon is told to stop (exit 1)."""
+    daemon.guardian.add(
+        PositionSpec("BOSCHLTD", Side.LONG, 10, 735.0, stop_loss=700.0), source="test"
+    )
+    daemon.store.close()  # every write now fails
+    daemon.book.update("BOSCHLTD", 690.0, None, PriceSource.POLL, daemon.monotonic())
+    daemon.guardian.evaluate(["BOSCHLTD"])
+    assert daemon.guardian.fatal.is_set()
+    assert daemon.executor.in_flight() == 0  # no send task was started

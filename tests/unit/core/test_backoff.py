@@ -84,7 +84,13 @@ def test_dns_is_rechecked_every_nth_failure_of_a_streak() -> None:
     """recheck_dns is set on the 3rd, 6th, ... failure of a streak."""
     b = backoff()
     assert [b.failure().recheck_dns for _ in range(7)] == [
-        False, False, True, False, False, True, False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
     ]
 
 
@@ -236,9 +242,7 @@ def test_delays_stay_within_bounds(
 
 
 # A reconnect cycle: some failures, then a connection living `life` seconds.
-cycles = st.lists(
-    st.tuples(st.integers(min_value=0, max_value=5), gaps), min_size=1, max_size=12
-)
+cycles = st.lists(st.tuples(st.integers(min_value=0, max_value=5), gaps), min_size=1, max_size=12)
 
 
 @given(policies(jitter=0.0), cycles)
