@@ -28,7 +28,7 @@ from tickguard.store import Store
 log = logging.getLogger(__name__)
 
 REPEAT_EVERY = 30.0  # a lasting condition is logged again at most this often per symbol
-TRAIL_SAVE_EVERY = 5.0  # trailing anchors reach the store at least this often
+TRAIL_SAVE_EVERY = 1.0  # changed trailing anchors reach the store at least this often
 
 
 class Throttle:

@@ -185,3 +185,22 @@ async def test_an_exit_the_journal_cannot_hold_is_not_sent(daemon: app.Daemon) -
     daemon.guardian.evaluate(["BOSCHLTD"])
     assert daemon.guardian.fatal.is_set()
     assert daemon.executor.in_flight() == 0  # no send task was started
+
+
+async def test_trailing_stop_survives_a_restart(daemon: app.Daemon) -> None:
+    """A ratcheted trailing stop is stored by the sweep and comes back tight after a restart."""
+    daemon.guardian.add(PositionSpec("TCS", Side.LONG, 1, 100.0, trailing_stop=5.0), source="test")
+    daemon.book.channel_up(PriceSource.LIVE, daemon.monotonic())
+    daemon.book.update("TCS", 130.0, None, PriceSource.LIVE, daemon.monotonic())
+    daemon.guardian.evaluate(["TCS"])
+    daemon.guardian.sweep()
+    await daemon.session.close()
+    daemon.store.close()
+    again = await app.build(daemon.config)
+    try:
+        again.guardian.recover([])
+        position = again.guard.position("TCS")
+        assert position is not None and position.trailing_level() == 125.0
+    finally:
+        await again.session.close()
+        again.store.close()
