@@ -151,8 +151,13 @@ class Demo:
         self.tail = asyncio.create_task(self._tail(self.daemon.stderr))
         await asyncio.wait_for(self.api_ready.wait(), 20)
         self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
-        self.say(f"simulator at {self.sim_url}, tickguard API at {self.api_url}")
-        self.say(f"state and logs in {self.state}")
+        self.say(f"simulator  {self.sim_url}  (POST /faults, /prices/SYMBOL)")
+        self.say(f"health     {self.api_url}/api/v1/monitoring/connection-health")
+        self.say(f"metrics    {self.api_url}/metrics")
+        self.say(
+            f"API        {self.api_url}/api/v1/positions  (token in {self.state / 'api-token'})"
+        )
+        self.say(f"state and the daemon's log in {self.state} (removed at the end)")
 
     async def _tail(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
@@ -300,9 +305,13 @@ class Demo:
             self.say(
                 f"  {e['symbol']:<9} {e['reason']:<13} on a {e['price_source']:<5} price -> {e['state']} at {price}, pnl {pnl}"
             )
-        self.say(f"health   {self.api_url}/api/v1/monitoring/connection-health")
-        self.say(f"metrics  {self.api_url}/metrics")
-        self.say(f"API      {self.api_url}/api/v1/positions  (token in {self.state / 'api-token'})")
+        _, health = await self.api("GET", "/api/v1/monitoring/connection-health")
+        ws = health["websocket"]
+        self.say(
+            f"feed: {ws['reconnect_attempts']} reconnects, {ws['network_errors']} network errors;"
+            f" now {'connected' if ws['connected'] else ws['state']}"
+        )
+        self.say(f"(the API at {self.api_url} and /metrics stop with the demo)")
 
 
 async def run(duration: float | None, out: TextIO = sys.stdout) -> int:

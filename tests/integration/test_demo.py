@@ -24,5 +24,5 @@ def test_demo_shows_the_outage_and_both_fallback_exits() -> None:
     assert "[EXIT] RELIANCE" in out and "(stop_loss, cache)" in out
     assert "BOSCHLTD  stop_loss     on a poll  price -> filled" in out
     assert "RELIANCE  stop_loss     on a cache price -> filled" in out
-    assert "/metrics" in out and "connection-health" in out
+    assert "/metrics" in out and "connection-health" in out and "reconnects" in out
     assert out.rstrip().endswith("demo finished; the temporary state was removed")
