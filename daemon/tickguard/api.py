@@ -72,7 +72,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
             exc.status, "http_error"
         )
-        return ApiError(exc.status, code, exc.reason).response()
+        response = ApiError(exc.status, code, exc.reason).response()
+        if "Allow" in exc.headers:  # 405 must say what is allowed (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("API %s %s failed", request.method, request.path)
         return ApiError(500, "internal", "internal error; see the daemon's log").response()
@@ -464,12 +467,12 @@ async def list_exits(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    text = await request.text()
-    if not text.strip() and optional:
+    raw = await request.read()
+    if not raw.strip() and optional:
         return {}
     try:
-        body = json.loads(text)
-    except ValueError:
+        body = json.loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")

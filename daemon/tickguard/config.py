@@ -27,7 +27,14 @@ from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from tickguard.core.guard import BlindPolicy
-from tickguard.core.positions import MISSING, POSITION_FIELDS, PositionSpec, parse_spec
+from tickguard.core.positions import (
+    MISSING,
+    POSITION_FIELDS,
+    SYMBOL_EXPECTED,
+    PositionSpec,
+    parse_spec,
+    valid_symbol,
+)
 from tickguard.errors import ConfigError, ConfigProblem
 
 # Where the config file is looked for when `tickguard run` gets no --config.
@@ -648,7 +655,7 @@ def _redacted(url: str) -> str:
 
 
 def _symbol(text: str) -> str:
-    if not text or text != text.strip():
+    if not valid_symbol(text):
         raise ValueError(text)
     return text
 
@@ -658,7 +665,7 @@ def _feed(t: _Table) -> FeedConfig:
         t,
         "symbols",
         DEFAULT_FEED_SYMBOLS,
-        "non-empty symbol strings without spaces around",
+        SYMBOL_EXPECTED.replace("a printable symbol", "printable symbols"),
         _symbol,
     )
     return FeedConfig(

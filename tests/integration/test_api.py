@@ -776,6 +776,22 @@ async def test_every_error_has_the_spec_shape(ticks: TickServer, start: Start) -
         ("POST", close, {"reason": "emergency"}, None, 400),
         ("POST", "/api/v1/monitoring/emergency-close-all", {"reason": 7}, None, 400),
         ("POST", "/api/v1/positions", NO_BODY, b"nope", 400),
+        ("POST", "/api/v1/positions", NO_BODY, b"\xff\xfe{", 400),  # not UTF-8
+        ("POST", "/api/v1/monitoring/emergency-close-all", NO_BODY, b"\x80", 400),
+        (
+            "POST",
+            "/api/v1/positions",
+            {"symbol": "A\u0000B", "side": "long", "quantity": 1, "entry_price": 1},
+            None,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/positions",
+            {"symbol": "A", "side": "long", "quantity": 1e300, "entry_price": 1},
+            None,
+            400,
+        ),
         ("POST", "/api/v1/positions", {"symbol": "X"}, None, 400),
         ("GET", "/api/v1/positions?state=weird", NO_BODY, None, 400),
         ("DELETE", "/api/v1/positions/NOSUCH", NO_BODY, None, 404),
@@ -787,6 +803,8 @@ async def test_every_error_has_the_spec_shape(ticks: TickServer, start: Start) -
         operation = document["paths"].get(path.split("?")[0], {}).get(method.lower())
         if operation is not None and expected != 413:
             assert str(expected) in operation["responses"], (method, path, expected)
+    async with d.http.request("TRACE", d.base + "/healthz") as response:
+        assert response.status == 405 and "GET" in response.headers["Allow"]  # RFC 9110
 
 
 async def test_no_token_in_logs(

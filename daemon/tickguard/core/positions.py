@@ -52,12 +52,12 @@ class PositionSpec:
     def problems(self) -> list[FieldProblem]:
         """Every rule this spec breaks (empty when valid)."""
         found: list[FieldProblem] = []
-        if not self.symbol or self.symbol != self.symbol.strip():
-            found.append(FieldProblem("symbol", self.symbol, "a non-empty symbol"))
+        if not valid_symbol(self.symbol):
+            found.append(FieldProblem("symbol", self.symbol, SYMBOL_EXPECTED))
         for name in ("quantity", "entry_price", "stop_loss", "take_profit", "trailing_stop"):
             value = getattr(self, name)
             if value is not None and not _positive(value):
-                found.append(FieldProblem(name, value, "a finite number > 0"))
+                found.append(FieldProblem(name, value, f"a number > 0 and below {MAX_AMOUNT:g}"))
         sl, tp = self.stop_loss, self.take_profit
         if sl is not None and tp is not None and _positive(sl) and _positive(tp):
             if self.side is Side.LONG and not sl < tp:
@@ -71,8 +71,27 @@ class PositionSpec:
         return found
 
 
+# Quantities and prices above this are typing errors, and their products (pnl)
+# would overflow a double into infinity, which JSON cannot carry.
+MAX_AMOUNT = 1e12
+MAX_SYMBOL_LENGTH = 64
+SYMBOL_EXPECTED = (
+    f"a printable symbol of 1 to {MAX_SYMBOL_LENGTH} characters without surrounding spaces"
+)
+
+
+def valid_symbol(symbol: str) -> bool:
+    """Non-empty, printable (no control characters or lone surrogates), no surrounding spaces."""
+    return (
+        0 < len(symbol) <= MAX_SYMBOL_LENGTH
+        and symbol.isprintable()
+        and symbol == symbol.strip()
+        and not any(0xD800 <= ord(c) <= 0xDFFF for c in symbol)
+    )
+
+
 def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
+    return math.isfinite(value) and 0 < value < MAX_AMOUNT
 
 
 class _Missing:

@@ -14,6 +14,7 @@ from tickguard.core.positions import (
     Trigger,
     check_triggers,
     parse_spec,
+    valid_symbol,
 )
 
 LONG, SHORT = Side.LONG, Side.SHORT
@@ -163,3 +164,12 @@ def test_parse_spec_from_user_input() -> None:
         }
     )
     assert spec is None and [p.field for p in problems] == ["stop_loss"]
+
+
+def test_symbols_and_amounts_have_sane_bounds() -> None:
+    """Control characters, lone surrogates, huge symbols and absurd amounts are refused."""
+    assert valid_symbol("NSE_EQ|INE848E01016") and valid_symbol("Nifty 50")
+    for bad in ("", " A", "A\\x00", "A\\nB", "\\ud800", "X" * 65):
+        assert not valid_symbol(bad.encode().decode("unicode_escape")), bad
+    (problem,) = PositionSpec("A", Side.LONG, 1e13, 100).problems()
+    assert problem.field == "quantity" and "below" in problem.expected
