@@ -37,6 +37,7 @@ from tickguard.errors import ConfigError, ConfigProblem
 from tickguard.executor import DEFAULT_ORDER_TIMEOUT, ExitExecutor
 from tickguard.feed.dns import AiohttpResolver, ResolverChain
 from tickguard.feed.json_protocol import JsonProtocol
+from tickguard.feed.json_protocol import poll_source as json_poll_source
 from tickguard.feed.poller import FallbackPoller
 from tickguard.feed.protocol import FeedProtocol
 from tickguard.feed.supervisor import FeedSupervisor
@@ -170,7 +171,7 @@ async def build(config: Config) -> Daemon:
     poller = None
     if config.feed.fallback_url:
         poller = FallbackPoller(
-            config.feed.fallback_url,
+            json_poll_source(config.feed.fallback_url),
             config.feed.poll_interval,
             session=session,
             supervisor=supervisor,

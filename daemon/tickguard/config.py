@@ -45,6 +45,7 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/tickguard/config.toml")
 STATE_DIRECTORY_ENV: Final = "STATE_DIRECTORY"
 CREDENTIALS_DIRECTORY_ENV: Final = "CREDENTIALS_DIRECTORY"
 TOKEN_CREDENTIAL: Final = "api-token"
+BROKER_TOKEN_CREDENTIAL: Final = "broker-token"
 
 # [daemon]
 DEFAULT_STATE_DIR: Final = "/var/lib/tickguard"
@@ -88,6 +89,11 @@ DEFAULT_HOLIDAYS: Final[tuple[str, ...]] = ()
 DEFAULT_ALWAYS_OPEN: Final = False
 # [broker]
 DEFAULT_BROKER_KIND: Final = "paper"
+DEFAULT_UPSTOX_API_URL: Final = "https://api.upstox.com"
+DEFAULT_UPSTOX_HFT_URL: Final = "https://api-hft.upstox.com"
+DEFAULT_UPSTOX_TOKEN_FILE: Final = ""
+DEFAULT_UPSTOX_PRODUCT: Final = "I"
+UPSTOX_PRODUCTS: Final = ("I", "D", "MTF")
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 FEED_PROTOCOLS: Final = ("json", "upstox")
@@ -144,6 +150,12 @@ DEFAULTS: Final[Mapping[str, object]] = _frozen(
             "always_open": DEFAULT_ALWAYS_OPEN,
         },
         "broker": {"kind": DEFAULT_BROKER_KIND},
+        "upstox": {
+            "api_url": DEFAULT_UPSTOX_API_URL,
+            "hft_url": DEFAULT_UPSTOX_HFT_URL,
+            "token_file": DEFAULT_UPSTOX_TOKEN_FILE,
+            "product": DEFAULT_UPSTOX_PRODUCT,
+        },
     }
 )
 
@@ -233,6 +245,16 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstoxConfig:
+    """Upstox access, used when feed.protocol or broker.kind is "upstox"."""
+
+    api_url: str
+    hft_url: str  # order placement
+    token_file: str  # the access token (never logged)
+    product: str  # I (intraday) | D (delivery) | MTF
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig
     http: HttpConfig
@@ -242,6 +264,7 @@ class Config:
     guard: GuardConfig
     market: MarketConfig
     broker: BrokerConfig
+    upstox: UpstoxConfig
     positions: tuple[PositionSpec, ...] = ()
 
 
@@ -297,8 +320,10 @@ def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = 
         guard=_guard(root.table("guard")),
         market=_market(root.table("market")),
         broker=_broker(root.table("broker")),
+        upstox=_upstox(root.table("upstox"), env),
         positions=_positions(root),
     )
+    _check_upstox_token(root, config)
     root.finish()
     if problems:
         raise ConfigError(problems)
@@ -350,6 +375,12 @@ def default_config(*, env: Mapping[str, str] | None = None) -> Config:
             always_open=DEFAULT_ALWAYS_OPEN,
         ),
         broker=BrokerConfig(DEFAULT_BROKER_KIND),
+        upstox=UpstoxConfig(
+            DEFAULT_UPSTOX_API_URL,
+            DEFAULT_UPSTOX_HFT_URL,
+            _default_broker_token_file(env),
+            DEFAULT_UPSTOX_PRODUCT,
+        ),
     )
 
 
@@ -668,9 +699,11 @@ def _feed(t: _Table) -> FeedConfig:
         SYMBOL_EXPECTED.replace("a printable symbol", "printable symbols"),
         _symbol,
     )
+    protocol = _choice(t, "protocol", DEFAULT_FEED_PROTOCOL, FEED_PROTOCOLS)
     return FeedConfig(
-        protocol=_choice(t, "protocol", DEFAULT_FEED_PROTOCOL, FEED_PROTOCOLS),
-        url=_url(t, "url", DEFAULT_FEED_URL, ("ws", "wss"), required=True),
+        protocol=protocol,
+        # Upstox hands out a single-use socket URL per connection (authorize).
+        url=_url(t, "url", DEFAULT_FEED_URL, ("ws", "wss"), required=protocol != "upstox"),
         symbols=tuple(text for _, text, _ in symbols),
         ping_interval=_seconds(t, "ping_interval", DEFAULT_PING_INTERVAL),
         ping_timeout=_seconds(t, "ping_timeout", DEFAULT_PING_TIMEOUT),
@@ -832,6 +865,37 @@ def _check_market_opens(t: _Table, config: MarketConfig) -> None:
 
 def _broker(t: _Table) -> BrokerConfig:
     return BrokerConfig(kind=_choice(t, "kind", DEFAULT_BROKER_KIND, BROKER_KINDS))
+
+
+def _default_broker_token_file(env: Mapping[str, str]) -> str:
+    credentials = env.get(CREDENTIALS_DIRECTORY_ENV, "")
+    if credentials:
+        candidate = Path(credentials) / BROKER_TOKEN_CREDENTIAL
+        if candidate.is_file():
+            return str(candidate)
+    return DEFAULT_UPSTOX_TOKEN_FILE
+
+
+def _upstox(t: _Table, env: Mapping[str, str]) -> UpstoxConfig:
+    token_file = _string(t, "token_file", DEFAULT_UPSTOX_TOKEN_FILE, 'a file path, or ""')
+    return UpstoxConfig(
+        api_url=_url(t, "api_url", DEFAULT_UPSTOX_API_URL, ("https", "http"), required=True),
+        hft_url=_url(t, "hft_url", DEFAULT_UPSTOX_HFT_URL, ("https", "http"), required=True),
+        token_file=token_file or _default_broker_token_file(env),
+        product=_choice(t, "product", DEFAULT_UPSTOX_PRODUCT, UPSTOX_PRODUCTS),
+    )
+
+
+def _check_upstox_token(root: _Table, config: Config) -> None:
+    """Upstox needs an access token: from upstox.token_file or the broker-token credential."""
+    uses = config.feed.protocol == "upstox" or config.broker.kind == "upstox"
+    if uses and not config.upstox.token_file:
+        root.problem(
+            "upstox.token_file",
+            config.upstox.token_file,
+            "a file holding the Upstox access token (or the broker-token credential"
+            " in $CREDENTIALS_DIRECTORY) when feed.protocol or broker.kind is upstox",
+        )
 
 
 def _positions(root: _Table) -> tuple[PositionSpec, ...]:

@@ -48,7 +48,7 @@ from websockets.exceptions import ConnectionClosed
 from tickguard.config import Config, parse_config
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.feed.dns import ResolverChain
-from tickguard.feed.json_protocol import JsonProtocol
+from tickguard.feed.json_protocol import JsonProtocol, poll_source
 from tickguard.feed.poller import FallbackPoller
 from tickguard.feed.supervisor import FeedSupervisor
 from tickguard.metrics import Metrics
@@ -730,7 +730,7 @@ async def feed() -> AsyncIterator[FeedFactory]:
             assert cfg.feed.fallback_url, "poll=True needs feed.fallback_url"
             f.session = aiohttp.ClientSession()
             f.poller = FallbackPoller(
-                cfg.feed.fallback_url,
+                poll_source(cfg.feed.fallback_url),
                 cfg.feed.poll_interval,
                 session=f.session,
                 supervisor=f.supervisor,

@@ -19,7 +19,7 @@ from tickguard.config import parse_config
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.feed.dns import ResolverChain
-from tickguard.feed.json_protocol import JsonProtocol
+from tickguard.feed.json_protocol import JsonProtocol, poll_source
 from tickguard.feed.poller import FallbackPoller
 from tickguard.feed.supervisor import FeedSupervisor
 from tickguard.metrics import Metrics
@@ -121,7 +121,7 @@ async def test_poll_waits_out_retry_after_on_429() -> None:
     polled = asyncio.Event()
     async with aiohttp.ClientSession() as session:
         poller = FallbackPoller(
-            f"http://127.0.0.1:{port}/prices",
+            poll_source(f"http://127.0.0.1:{port}/prices"),
             0.05,
             session=session,
             supervisor=supervisor,

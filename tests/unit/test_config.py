@@ -296,7 +296,10 @@ def test_config_path_resolution() -> None:
 )
 def test_accepted_value(dotted: str, value: object, attribute: str, parsed: object) -> None:
     """A valid value parses to the expected typed value."""
-    node: object = parse_config(with_key(dotted, value), env=NO_ENV)
+    data = with_key(dotted, value)
+    if value == "upstox":  # Upstox needs its access token
+        data["upstox"] = {"token_file": "/run/credentials/upstox-token"}
+    node: object = parse_config(data, env=NO_ENV)
     for name in attribute.split("."):
         node = getattr(node, name)
     assert node == parsed
@@ -670,3 +673,26 @@ def test_example_is_valid_toml_without_the_parser() -> None:
     with EXAMPLE.open("rb") as file:
         data = tomllib.load(file)
     assert sorted(data) == sorted(DEFAULTS)
+
+
+def test_upstox_needs_a_token_and_no_feed_url() -> None:
+    """With the upstox protocol feed.url may be empty, but a token file is required."""
+    data: dict[str, object] = {"feed": {"protocol": "upstox"}}
+    (problem,) = problems(data)
+    assert problem.key == "upstox.token_file" and "Upstox access token" in problem.expected
+    data["upstox"] = {"token_file": "/etc/credstore/t", "product": "D"}
+    config = parse_config(data, env=NO_ENV)
+    assert config.feed.url == "" and config.upstox.product == "D"
+    assert [p.key for p in problems({"feed": {"url": "ws://x"}, "upstox": {"product": "X"}})] == [
+        "upstox.product"
+    ]
+
+
+def test_upstox_token_defaults_to_the_broker_credential(tmp_path: Path) -> None:
+    """$CREDENTIALS_DIRECTORY/broker-token is the default Upstox token file when it exists."""
+    (tmp_path / "broker-token").write_text("secret")
+    config = parse_config(
+        {"feed": {"url": "ws://x"}, "broker": {"kind": "upstox"}},
+        env={"CREDENTIALS_DIRECTORY": str(tmp_path)},
+    )
+    assert config.upstox.token_file == str(tmp_path / "broker-token")

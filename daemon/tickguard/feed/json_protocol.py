@@ -90,3 +90,8 @@ def decode_poll(body: object, known: Collection[str]) -> p.Decoded:
         else:
             out.errors.append(p.NOT_OBJECT)
     return out
+
+
+def poll_source(url: str) -> p.PollSource:
+    """The `json` protocol's REST fallback: `GET <url>?symbols=A,B`."""
+    return p.PollSource(url, lambda symbols: {"symbols": ",".join(symbols)}, decode_poll)

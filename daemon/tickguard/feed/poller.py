@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tickguard.core.prices import PriceBook, PriceSource
-from tickguard.feed.json_protocol import decode_poll
+from tickguard.feed.protocol import PollSource
 from tickguard.feed.supervisor import FeedSupervisor, OnPrices
 from tickguard.metrics import Metrics
 
@@ -37,7 +37,7 @@ class RateLimited(Exception):
 class FallbackPoller:
     def __init__(
         self,
-        url: str,
+        source: PollSource,
         interval: float,
         *,
         session: aiohttp.ClientSession,
@@ -48,7 +48,7 @@ class FallbackPoller:
         on_prices: OnPrices,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = url
+        self.source = source
         self.interval = interval
         self._session = session
         self._supervisor = supervisor
@@ -61,7 +61,7 @@ class FallbackPoller:
         self.last_success: float | None = None
         self.last_error = ""
         self._last_failure_log = -FAILURE_LOG_EVERY
-        self._host = urlsplit(url).hostname or url
+        self._host = urlsplit(source.url).hostname or "the poll URL"
 
     async def run(self) -> None:
         while True:
@@ -98,7 +98,10 @@ class FallbackPoller:
             return
         timeout = aiohttp.ClientTimeout(total=max(1.0, self.interval))
         async with self._session.get(
-            self.url, params={"symbols": ",".join(symbols)}, timeout=timeout
+            self.source.url,
+            params=self.source.params(symbols),
+            headers=dict(self.source.headers),
+            timeout=timeout,
         ) as response:
             if response.status == 429:
                 raise RateLimited(_retry_after(response.headers.get("Retry-After")))
@@ -107,7 +110,7 @@ class FallbackPoller:
         if not self._supervisor.fallback_active:
             return  # live data came back while this answer was in flight: it is late
         now = self._mono()
-        decoded = decode_poll(body, set(symbols))
+        decoded = self.source.decode(body, set(symbols))
         for reason in decoded.errors:
             self._metrics.bad_messages.labels(reason).inc()
         self._book.channel_up(PriceSource.POLL, now)

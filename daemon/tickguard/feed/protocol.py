@@ -8,7 +8,7 @@ a malformed frame is reported by reason, dropped, and the connection stays.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,3 +74,13 @@ def valid_timestamp(value: object) -> tuple[bool, int | None]:
     if not math.isfinite(value) or value < 0:
         return False, None
     return True, int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class PollSource:
+    """Where and how the REST fallback asks for prices, for one feed protocol."""
+
+    url: str
+    params: Callable[[Sequence[str]], dict[str, str]]  # query parameters for these symbols
+    decode: Callable[[object, Collection[str]], Decoded]  # the JSON answer -> ticks and errors
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Authorization (never logged)

@@ -208,7 +208,7 @@ class FeedSupervisor:
                 continue
             self.address = address
             try:
-                return await self._live(ws)
+                return await self._live(ws, host)
             finally:
                 self._ws = None
                 ws.transport.abort()
@@ -219,7 +219,7 @@ class FeedSupervisor:
             self._ssl = ssl.create_default_context()  # verification on, hostname checked
         return self._ssl
 
-    async def _live(self, ws: ClientConnection) -> Failure:
+    async def _live(self, ws: ClientConnection, host: str) -> Failure:
         symbols = sorted(self._symbols())
         try:
             for frame in self.protocol.subscribe_frames(symbols):
@@ -237,7 +237,7 @@ class FeedSupervisor:
         self.metrics.websocket_connected.set(1)
         log.info(
             "[FEED] connected to %s via %s, %d symbols subscribed",
-            urlsplit(self.config.url).hostname,
+            host,
             self.address,
             len(symbols),
         )
