@@ -82,20 +82,17 @@ class Daemon:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def read_token(path: str) -> str | None:
+def read_token(path: str, key: str = "http.token_file") -> str | None:
+    """The secret in `path` (whitespace stripped), None for no path; ConfigError names `key`."""
     if not path:
         return None
     try:
         with open(path, encoding="utf-8") as f:
             token = f.read().strip()
     except OSError as exc:
-        raise ConfigError(
-            [ConfigProblem("http.token_file", path, f"a readable file ({exc.strerror})")]
-        ) from None
+        raise ConfigError([ConfigProblem(key, path, f"a readable file ({exc.strerror})")]) from None
     if not token:
-        raise ConfigError(
-            [ConfigProblem("http.token_file", path, "a file holding a non-empty token")]
-        )
+        raise ConfigError([ConfigProblem(key, path, "a file holding a non-empty token")])
     return token
 
 

@@ -18,13 +18,14 @@ from tickguard.brokers.base import Broker, ExitOrder, OrderReport, OrderStatus
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import ExitDecided, Guard
 from tickguard.core.positions import Position
-from tickguard.errors import BrokerRejected, BrokerUnavailable
+from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
 from tickguard.store import Store
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ORDER_TIMEOUT = 10.0  # seconds for one broker call
 WORKING_POLL_INTERVAL = 1.0  # an accepted but unfilled order is looked up this often
+DRIVER_RESTART_DELAY = 1.0  # a crashed exit driver resumes (lookup first) after this
 
 # Test seam: awaited at each step of an exit ("journalled", "answered").
 Checkpoint = Callable[[str, Exit], Awaitable[None]]
@@ -65,7 +66,7 @@ class ExitExecutor:
         """Continue an exit recovered from the journal: look it up before any send."""
         self._start(client_order_id, lookup_first=True)
 
-    def _start(self, client_order_id: str, *, lookup_first: bool) -> None:
+    def _start(self, client_order_id: str, lookup_first: bool) -> None:
         if client_order_id in self._tasks:
             return
         self._first[client_order_id] = asyncio.get_running_loop().create_future()
@@ -78,10 +79,15 @@ class ExitExecutor:
     def _done(self, client_order_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.pop(client_order_id, None)
         first = self._first.pop(client_order_id, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("exit %s: driver crashed", client_order_id, exc_info=task.exception())
         if first is not None and not first.done():
             first.cancel()
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("exit %s: driver crashed", client_order_id, exc_info=task.exception())
+        if self.guard.exit(client_order_id) is not None:
+            # Still in flight: look it up again (never blindly resend) after a pause.
+            loop = asyncio.get_running_loop()
+            loop.call_later(DRIVER_RESTART_DELAY, self._start, client_order_id, True)
 
     async def first_outcome(self, client_order_id: str) -> Exit:
         """The exit once it is filled, rejected, or its first send failed."""
@@ -126,7 +132,7 @@ class ExitExecutor:
                 try:
                     async with asyncio.timeout(self.order_timeout):  # not wait_for (see feed)
                         report = await self.broker.find_order(cid)
-                except (BrokerUnavailable, TimeoutError) as exc:
+                except (BrokerError, TimeoutError) as exc:  # a refused lookup proves nothing
                     self._unavailable(cid, f"lookup failed: {_why(exc)}")
                     continue
                 if report is None:
@@ -224,7 +230,7 @@ def _order(exit: Exit) -> ExitOrder:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
-    return exc.detail if isinstance(exc, BrokerUnavailable) else str(exc)
+    return exc.detail if isinstance(exc, BrokerError) else str(exc)
 
 
 def recover(guard: Guard, store: Store, executor: ExitExecutor, now: float) -> list[Position]:

@@ -399,3 +399,31 @@ async def test_listener_gets_settled_exits_with_elapsed_time(make_world: Factory
     assert position is not None and position.state is PositionState.CLOSED
     assert position.pnl(178.0) == 110.0
     assert elapsed is not None and 0.03 <= elapsed < 0.5
+
+
+async def test_a_crashed_driver_resumes_with_a_lookup(tmp_path: Path) -> None:
+    """If an exit's driver crashes, it restarts by looking the order up, and fills once."""
+    store = Store.in_dir(tmp_path)
+    book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
+    guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
+    broker = PaperBroker(store, lambda s: 99.0)
+    crashes = 0
+
+    async def crash_once(step: str, exit: Exit) -> None:
+        nonlocal crashes
+        if step == "journalled" and crashes == 0:
+            crashes += 1
+            raise RuntimeError("a bug in the driver")
+
+    settled = asyncio.Event()
+    executor = ExitExecutor(
+        guard, store, broker, checkpoint=crash_once, listener=lambda e, p, t: settled.set()
+    )
+    guard.add(store.add_position(PositionSpec("A", Side.LONG, 1, 100.0), 0.0), 0.0)
+    request = guard.close("A", ExitReason.EMERGENCY, 0.0, 0.0)
+    assert request.event is not None
+    executor.submit(request.event)
+    async with asyncio.timeout(10):
+        await settled.wait()  # the restarted driver settles it
+    assert crashes == 1 and store.paper_fill_count() == 1 and guard.position("A") is None
+    store.close()
