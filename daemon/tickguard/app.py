@@ -17,7 +17,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from tickguard import __version__
 from tickguard.api import build_app
 from tickguard.brokers.base import Broker
 from tickguard.brokers.paper import PaperBroker
+from tickguard.brokers.upstox import UpstoxBroker
 from tickguard.config import Config
 from tickguard.core.guard import Guard
 from tickguard.core.market import MarketCalendar
@@ -39,8 +40,10 @@ from tickguard.feed.dns import AiohttpResolver, ResolverChain
 from tickguard.feed.json_protocol import JsonProtocol
 from tickguard.feed.json_protocol import poll_source as json_poll_source
 from tickguard.feed.poller import FallbackPoller
-from tickguard.feed.protocol import FeedProtocol
-from tickguard.feed.supervisor import FeedSupervisor
+from tickguard.feed.protocol import FeedProtocol, PollSource
+from tickguard.feed.supervisor import OPEN_TIMEOUT, FeedSupervisor
+from tickguard.feed.upstox import UpstoxProtocol, authorize
+from tickguard.feed.upstox import poll_source as upstox_poll_source
 from tickguard.guardian import Guardian
 from tickguard.metrics import AgeCollector, Metrics
 from tickguard.store import Store
@@ -96,14 +99,6 @@ def read_token(path: str, key: str = "http.token_file") -> str | None:
     return token
 
 
-def make_protocol(name: str) -> FeedProtocol:
-    if name == "json":
-        return JsonProtocol()
-    raise ConfigError(
-        [ConfigProblem("feed.protocol", name, "json (upstox is not available in this build yet)")]
-    )
-
-
 async def build(config: Config) -> Daemon:
     """Build every part from the config (nothing runs yet)."""
     store = Store.in_dir(config.daemon.state_dir)
@@ -125,17 +120,24 @@ async def build(config: Config) -> Daemon:
         price = book.get(symbol)
         return price.value if price is not None else None
 
-    if config.broker.kind != "paper":
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "broker.kind",
-                    config.broker.kind,
-                    "paper (upstox is not available in this build yet)",
-                )
-            ]
+    resolver = ResolverChain(config.dns, store, metrics)
+    # One HTTP client for the poll and the brokers, resolving through the DNS chain.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=AiohttpResolver(resolver)),
+        headers={"User-Agent": f"tickguard/{__version__}"},
+        trust_env=False,
+    )
+    up = config.upstox
+    uses_upstox = "upstox" in (config.feed.protocol, config.broker.kind)
+    upstox_token = read_token(up.token_file, "upstox.token_file") if uses_upstox else None
+    broker: Broker
+    if config.broker.kind == "upstox":
+        assert upstox_token is not None  # the config requires a token file
+        broker = UpstoxBroker(
+            session, token=upstox_token, api_url=up.api_url, hft_url=up.hft_url, product=up.product
         )
-    broker: Broker = PaperBroker(store, last_price)
+    else:
+        broker = PaperBroker(store, last_price)
     executor = ExitExecutor(guard, store, broker)
     m = config.market
     market = MarketCalendar(m.zone(), m.sessions, m.weekdays, m.holidays, m.always_open)
@@ -143,20 +145,31 @@ async def build(config: Config) -> Daemon:
         guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
     )
     executor.listener = guardian.on_exit
-    resolver = ResolverChain(config.dns, store, metrics)
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(resolver=AiohttpResolver(resolver)),
-        headers={"User-Agent": f"tickguard/{__version__}"},
-        trust_env=False,
-    )
 
     def subscriptions() -> set[str]:
         """What the feed subscribes: config symbols plus guarded ones."""
         return set(config.feed.symbols) | set(guard.symbols())
 
+    protocol: FeedProtocol
+    endpoint: Callable[[], Awaitable[str]] | None = None
+    poll: PollSource | None = None
+    if config.feed.protocol == "upstox":
+        assert upstox_token is not None
+        token = upstox_token
+        protocol = UpstoxProtocol()
+
+        async def authorized_url() -> str:  # single-use: a fresh one per connection
+            return await authorize(session, up.api_url, token, timeout=OPEN_TIMEOUT)
+
+        endpoint = authorized_url
+        poll = upstox_poll_source(up.api_url, token)
+    else:
+        protocol = JsonProtocol()
+        if config.feed.fallback_url:
+            poll = json_poll_source(config.feed.fallback_url)
     supervisor = FeedSupervisor(
         config.feed,
-        protocol=make_protocol(config.feed.protocol),
+        protocol=protocol,
         resolver=resolver,
         book=book,
         metrics=metrics,
@@ -164,11 +177,12 @@ async def build(config: Config) -> Daemon:
         on_prices=guardian.on_prices,
         market_open=lambda: guardian.market_open,
         rng=random.Random(),
+        endpoint=endpoint,
     )
     poller = None
-    if config.feed.fallback_url:
+    if poll is not None:
         poller = FallbackPoller(
-            json_poll_source(config.feed.fallback_url),
+            poll,
             config.feed.poll_interval,
             session=session,
             supervisor=supervisor,

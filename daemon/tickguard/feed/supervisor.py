@@ -37,6 +37,10 @@ from tickguard.feed.protocol import TOO_LARGE, FeedProtocol
 from tickguard.metrics import Metrics
 
 log = logging.getLogger(__name__)
+# The websockets library's own logger for our connections. At DEBUG it logs the
+# request line, and a feed URL can carry a one-time code or a token: never below INFO.
+wire_log = logging.getLogger("tickguard.feed.wire")
+wire_log.setLevel(logging.INFO)
 
 MAX_FRAME_BYTES = 1 << 20
 OPEN_TIMEOUT = 10.0  # TCP + TLS + WebSocket handshake of one address
@@ -168,8 +172,10 @@ class FeedSupervisor:
         self.state = FeedState.CONNECTING
         try:
             url = await self._endpoint() if self._endpoint is not None else self.config.url
-        except FeedError as exc:
-            return Failure(exc.kind, exc.detail, auth=exc.kind == "auth")
+        except FeedError as exc:  # e.g. Upstox's authorize step
+            if exc.kind == "auth":  # refused credentials: a handshake failure, not retried soon
+                return Failure("handshake", exc.detail, auth=True)
+            return Failure(exc.kind, exc.detail)
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "wss" else 80)
@@ -193,6 +199,7 @@ class FeedSupervisor:
                     compression=None,
                     proxy=None,
                     user_agent_header=f"tickguard/{__version__}",
+                    logger=wire_log,
                     additional_headers=self._headers() if self._headers else None,
                 )
             except InvalidStatus as exc:
@@ -201,7 +208,9 @@ class FeedSupervisor:
                 return Failure("handshake", f"HTTP {status} at the handshake", auth=auth)
             except ssl.SSLError as exc:  # before OSError: SSLError is one
                 return Failure("tls", _short(exc))
-            except (InvalidHandshake, InvalidURI) as exc:
+            except InvalidURI:  # its message holds the URL, which may carry a one-time code
+                return Failure("handshake", "the socket URL is invalid")
+            except InvalidHandshake as exc:
                 return Failure("handshake", _short(exc))
             except (OSError, TimeoutError) as exc:
                 failure = Failure("connect", f"{address}: {_short(exc) or 'timed out'}")
