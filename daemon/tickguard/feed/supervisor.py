@@ -204,7 +204,10 @@ class FeedSupervisor:
                 )
             except InvalidStatus as exc:
                 status = exc.response.status_code
-                auth = status in (401, 403)
+                # 401/403 means bad credentials, unless the URL came from an endpoint
+                # (Upstox's authorize) that just accepted them: then it is a stale
+                # single-use code, and a normal retry authorizes afresh.
+                auth = status in (401, 403) and self._endpoint is None
                 return Failure("handshake", f"HTTP {status} at the handshake", auth=auth)
             except ssl.SSLError as exc:  # before OSError: SSLError is one
                 return Failure("tls", _short(exc))

@@ -301,3 +301,22 @@ async def test_rest_ltp_answer_decodes_by_instrument_token(
         assert decoded.errors == ["unknown_symbol"]
         assert decode_ltp(refused, set(SYMBOLS)).ticks == []
         assert server.ltp_requests == 2
+
+
+async def test_a_stale_socket_code_is_retried_not_auth_failed(
+    upstox_feed_server: UpstoxFeedServerFactory, upstox_feed: UpstoxFeedFactory
+) -> None:
+    """A 403 at the socket after a good authorize is a stale code: a normal retry, not auth_failed."""
+    async with asyncio.timeout(TEST_TIMEOUT):
+        server = await upstox_feed_server()
+        stale = f"{server.ws_url}?requestId=spent&code=spent"
+        server.authorize_body = (
+            b'{"status":"success","data":{"authorized_redirect_uri":"' + stale.encode() + b'"}}'
+        )
+        config = {"feed": {"reconnect": {"initial_delay": 0.01, "max_delay": 5.0, "jitter": 0.0}}}
+        f = await upstox_feed(server, symbols=SYMBOLS, config=config)
+        await eventually(lambda: server.rejected >= 2, what="two refused sockets")
+        assert f.supervisor.state is not FeedState.AUTH_FAILED
+        assert f.supervisor.streak() < 5  # retried on the 10 ms schedule, not max_delay
+        server.authorize_body = None  # fresh codes again
+        await eventually(lambda: f.supervisor.connected, what="connected with a fresh code")
