@@ -59,22 +59,7 @@ def _entry(entry: object, known: Collection[str], out: p.Decoded) -> None:
     if not isinstance(entry, dict):
         out.errors.append(p.NOT_OBJECT)
         return
-    symbol = entry.get("symbol")
-    if not isinstance(symbol, str) or not symbol:
-        out.errors.append(p.NO_SYMBOL)
-        return
-    price = p.valid_price(entry.get("price"))
-    if price is None:
-        out.errors.append(p.BAD_PRICE)
-        return
-    ok, ts = p.valid_timestamp(entry.get("ts"))
-    if not ok:
-        out.errors.append(p.BAD_TIMESTAMP)
-        return
-    if symbol not in known:
-        out.errors.append(p.UNKNOWN_SYMBOL)
-        return
-    out.ticks.append(p.Tick(symbol, price, ts))
+    out.add(entry.get("symbol"), entry.get("price"), entry.get("ts"), known)
 
 
 def decode_poll(body: object, known: Collection[str]) -> p.Decoded:

@@ -40,6 +40,26 @@ class Decoded:
     errors: list[str] = field(default_factory=list)  # one reason per dropped frame or entry
     heartbeat: bool = False  # a sign of life without prices
 
+    def add(
+        self, symbol: object, price: object, exchange_ts: object, known: Collection[str]
+    ) -> None:
+        """One price entry, as received: a tick, or its one counted reason for being dropped."""
+        if not isinstance(symbol, str) or not symbol:
+            self.errors.append(NO_SYMBOL)
+            return
+        value = valid_price(price)
+        if value is None:
+            self.errors.append(BAD_PRICE)
+            return
+        ok, ts = valid_timestamp(exchange_ts)
+        if not ok:
+            self.errors.append(BAD_TIMESTAMP)
+            return
+        if symbol not in known:
+            self.errors.append(UNKNOWN_SYMBOL)
+            return
+        self.ticks.append(Tick(symbol, value, ts))
+
 
 class FeedProtocol(Protocol):
     name: str

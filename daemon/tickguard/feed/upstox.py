@@ -19,7 +19,6 @@ skipped, so additive fields (call auction and the like) do no harm.
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -166,20 +165,11 @@ def _entry(data: bytes, known: Collection[str], out: p.Decoded) -> None:
     except pb.MalformedMessage:
         out.errors.append(p.BAD_FRAME)
         return
-    if not symbol:
-        out.errors.append(p.NO_SYMBOL)
-        return
     raw_ltp = _last(values, 1)
-    price = pb.double(raw_ltp) if isinstance(raw_ltp, bytes) else math.nan
-    if not (math.isfinite(price) and price > 0):
-        out.errors.append(p.BAD_PRICE)
-        return
-    if symbol not in known:
-        out.errors.append(p.UNKNOWN_SYMBOL)
-        return
+    price = pb.double(raw_ltp) if isinstance(raw_ltp, bytes) else None
     raw_ltt = _last(values, 2)
     ltt = pb.int64(raw_ltt) if isinstance(raw_ltt, int) else 0
-    out.ticks.append(p.Tick(symbol, price, ltt if ltt > 0 else None))
+    out.add(symbol, price, ltt if ltt > 0 else None, known)
 
 
 # -- the single-use socket URL -------------------------------------------------
@@ -280,18 +270,8 @@ def decode_ltp(body: object, known: Collection[str]) -> p.Decoded:
         if not isinstance(quote, dict):
             out.errors.append(p.NOT_OBJECT)
             continue
-        symbol = quote.get("instrument_token")
-        if not isinstance(symbol, str) or not symbol:
-            out.errors.append(p.NO_SYMBOL)
-            continue
-        price = p.valid_price(quote.get("last_price"))
-        if price is None:
-            out.errors.append(p.BAD_PRICE)
-            continue
-        if symbol not in known:
-            out.errors.append(p.UNKNOWN_SYMBOL)
-            continue
-        out.ticks.append(p.Tick(symbol, price, None))
+        # The map's keys are not instrument keys: `instrument_token` is.
+        out.add(quote.get("instrument_token"), quote.get("last_price"), None, known)
     return out
 
 
