@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_ORDER_TIMEOUT = 10.0  # seconds for one broker call
 WORKING_POLL_INTERVAL = 1.0  # an accepted but unfilled order is looked up this often
 DRIVER_RESTART_DELAY = 1.0  # a crashed exit driver resumes (lookup first) after this
+# Where a process may die with an exit in flight, in order (see Checkpoint); the crash
+# test kills at each, and inside the broker's call ("accepted").
+CRASH_POINTS = ("journalled", "sent", "accepted", "answered", "retrying")
 
-# Test seam: awaited at each step of an exit ("journalled", "answered").
+# Test seam: awaited at each step of an exit, in order: "journalled" (decided, PENDING
+# durable), "sent" (SENT durable, the broker not yet called), "answered" (the broker's
+# reply in hand, not yet journalled), "retrying" (RETRY durable). CRASH_POINTS names
+# them for the crash test, which also kills inside the broker ("accepted").
 Checkpoint = Callable[[str, Exit], Awaitable[None]]
 # Told of every exit that settles (filled or rejected) and every failed send.
 Listener = Callable[[Exit, Position | None, float | None], None]
@@ -122,8 +128,13 @@ class ExitExecutor:
 
     async def _drive(self, cid: str, lookup: bool) -> None:
         exit = self._exit(cid)
-        if self._checkpoint is not None:
+        if lookup:  # resumed after a crash (of the process or of a driver)
+            resumed = self.guard.exit_recovered(cid)
+            if resumed != exit:
+                self.store.update_exit(resumed, self._wall())
+        elif self._checkpoint is not None:
             await self._checkpoint("journalled", exit)
+        acknowledged = False  # the broker answered a send of this exit with an order
         while True:
             exit = self._exit(cid)
             if exit.state is ExitState.RETRY and exit.retry_at is not None:
@@ -135,6 +146,11 @@ class ExitExecutor:
                 except (BrokerError, TimeoutError) as exc:  # a refused lookup proves nothing
                     self._unavailable(cid, f"lookup failed: {_why(exc)}")
                     continue
+                if report is None and acknowledged:
+                    # It told us it holds the order: a lookup that cannot see it
+                    # is lagging, not proof that it is gone. Never resend then.
+                    self._unavailable(cid, "the broker acknowledged the order; lookup finds none")
+                    continue
                 if report is None:
                     lookup = False  # the broker has no such order: send it
                 elif report.status is OrderStatus.WORKING:
@@ -145,6 +161,8 @@ class ExitExecutor:
                     return
             exit = self.guard.exit_sending(cid)
             self.store.update_exit(exit, self._wall())
+            if self._checkpoint is not None:
+                await self._checkpoint("sent", exit)
             started = self._monotonic()
             try:
                 async with asyncio.timeout(self.order_timeout):
@@ -154,12 +172,15 @@ class ExitExecutor:
                 return
             except (BrokerUnavailable, TimeoutError) as exc:
                 self._unavailable(cid, _why(exc))
+                if self._checkpoint is not None:
+                    await self._checkpoint("retrying", self._exit(cid))
                 lookup = True
                 continue
             elapsed = self._monotonic() - started
             if self._checkpoint is not None:
                 await self._checkpoint("answered", exit)
             if report.status is OrderStatus.WORKING:
+                acknowledged = True
                 lookup = True
                 continue
             self._settle(cid, report, elapsed)

@@ -1,6 +1,6 @@
 """A small process that guards two positions and exits both, for the crash test.
 
-    python exit_crash_runner.py STATE_DIR [--pause-at journalled|accepted|answered]
+    python exit_crash_runner.py STATE_DIR [--pause-at STEP]   (STEP: executor.CRASH_POINTS)
 
 With --pause-at it prints `AT <step>` when every exit reached that step and
 then waits forever, to be SIGKILLed. Without it, it recovers whatever the
@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from tickguard.brokers.base import ExitOrder
-from tickguard.brokers.paper import PaperBroker
+from tickguard.brokers.paper import PaperBroker, PaperFault
 from tickguard.core.exits import Exit
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
-from tickguard.executor import ExitExecutor, recover
+from tickguard.executor import CRASH_POINTS, ExitExecutor, recover
 from tickguard.store import Store
 
 SPECS = (
@@ -61,6 +61,8 @@ async def main(state_dir: Path, pause_at: str | None) -> None:
         await checkpoint("accepted", exit)
 
     broker.after_accept = after_accept
+    if pause_at == "retrying":  # the first send of each exit finds the broker unreachable
+        broker.faults.extend([PaperFault.UNAVAILABLE] * len(SPECS))
     executor = ExitExecutor(guard, store, broker, checkpoint=checkpoint, order_timeout=5.0)
     now = time.monotonic()
     recover(guard, store, executor, now)
@@ -90,6 +92,6 @@ async def main(state_dir: Path, pause_at: str | None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("state_dir", type=Path)
-    parser.add_argument("--pause-at", choices=["journalled", "accepted", "answered"])
+    parser.add_argument("--pause-at", choices=CRASH_POINTS)
     args = parser.parse_args()
     asyncio.run(main(args.state_dir, args.pause_at))

@@ -133,6 +133,7 @@ async def test_exit_is_journalled_before_the_broker_sees_it(make_world: Factory)
     assert await w.executor.drain(2.0)
     assert seen == [
         ("journalled", "pending", ["pending"], 0),
+        ("sent", "sent", ["pending", "sent"], 0),
         ("accepted", "exiting", ["pending", "sent"], 1),
         ("answered", "sent", ["pending", "sent"], 1),
     ]
@@ -347,7 +348,8 @@ async def test_recover_settles_a_sent_exit_found_filled(
     assert await w.executor.drain(1.0)
 
     assert w.accepted == [] and w.store.paper_fill_count(cid) == 1
-    assert w.events(cid) == ["pending", "sent", "filled"]
+    # The resumed exit is journalled as a retry (its outcome unknown), then found filled.
+    assert w.events(cid) == ["pending", "sent", "retry", "filled"]
     stored = w.store.latest_position("LONGCO")
     assert stored is not None and stored.state is PositionState.CLOSED
     record = w.store.exit_record(cid)
@@ -426,4 +428,97 @@ async def test_a_crashed_driver_resumes_with_a_lookup(tmp_path: Path) -> None:
     async with asyncio.timeout(10):
         await settled.wait()  # the restarted driver settles it
     assert crashes == 1 and store.paper_fill_count() == 1 and guard.position("A") is None
+    store.close()
+
+
+@pytest.mark.parametrize("state", [ExitState.PENDING, ExitState.SENT, ExitState.RETRY])
+async def test_recover_sends_an_exit_the_broker_never_got_once(
+    tmp_path: Path, make_world: Factory, state: ExitState
+) -> None:
+    """An exit left in any in-flight state with no order at the broker is sent exactly once."""
+    cid = leave_exit(tmp_path, ExitState.SENT if state is ExitState.RETRY else state, filled=False)
+    if state is ExitState.RETRY:
+        store = Store.in_dir(tmp_path)
+        (left,) = store.unfinished_exits()
+        store.update_exit(left.unavailable("timed out", 1e9), time.time())
+        store.close()
+    w = make_world()
+    recover(w.guard, w.store, w.executor, w.now())
+    assert (await w.executor.first_outcome(cid)).state is ExitState.FILLED
+    assert await w.executor.drain(1.0)
+    assert [o.client_order_id for o in w.accepted] == [cid]
+    assert w.store.paper_fill_count(cid) == 1 and w.store.unfinished_exits() == []
+
+
+class AcknowledgingBroker:
+    """Answers a send with a working order, then its lookup lags (finds nothing) twice."""
+
+    name = "lagging"
+
+    def __init__(self) -> None:
+        self.placed: list[str] = []
+        self.lookups = 0
+
+    async def place_exit(self, order: ExitOrder) -> OrderReport:
+        self.placed.append(order.client_order_id)
+        return OrderReport(order.client_order_id, "B1", OrderStatus.WORKING)
+
+    async def find_order(self, client_order_id: str) -> OrderReport | None:
+        self.lookups += 1
+        if self.lookups <= 2:
+            return None
+        return OrderReport(client_order_id, "B1", OrderStatus.FILLED, 94.0)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_acknowledged_order_is_never_resent_when_its_lookup_lags(
+    tmp_path: Path,
+) -> None:
+    """A broker that said it holds the order and then cannot find it is asked again, not sent twice."""
+    store = Store.in_dir(tmp_path)
+    book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
+    guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
+    broker = AcknowledgingBroker()
+    executor = ExitExecutor(guard, store, broker, monotonic=lambda: 0.0)
+    guard.add(store.add_position(LONG_SL, 0.0), 0.0)
+    request = guard.close("LONGCO", ExitReason.EMERGENCY, 0.0, 0.0)
+    assert request.event is not None
+    executor.submit(request.event)
+    async with asyncio.timeout(10):
+        assert await executor.drain(10.0)
+    assert broker.placed == [request.exit.client_order_id] and broker.lookups == 3
+    record = store.exit_record(request.exit.client_order_id)
+    assert record is not None and record.exit.state is ExitState.FILLED
+    store.close()
+
+
+async def test_a_driver_crashed_after_sent_resumes_and_sends_once(tmp_path: Path) -> None:
+    """A driver that dies between journalling `sent` and the broker call resumes with one send."""
+    store = Store.in_dir(tmp_path)
+    book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
+    guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
+    broker = PaperBroker(store, lambda s: 99.0)
+    crashes = 0
+
+    async def crash_once(step: str, exit: Exit) -> None:
+        nonlocal crashes
+        if step == "sent" and crashes == 0:
+            crashes += 1
+            raise RuntimeError("a bug in the driver")
+
+    settled = asyncio.Event()
+    executor = ExitExecutor(
+        guard, store, broker, checkpoint=crash_once, listener=lambda e, p, t: settled.set()
+    )
+    guard.add(store.add_position(PositionSpec("A", Side.LONG, 1, 100.0), 0.0), 0.0)
+    request = guard.close("A", ExitReason.EMERGENCY, 0.0, 0.0)
+    assert request.event is not None
+    executor.submit(request.event)
+    async with asyncio.timeout(10):
+        await settled.wait()
+    assert crashes == 1 and store.paper_fill_count() == 1 and guard.position("A") is None
+    states = [e["state"] for e in store.exit_events(request.exit.client_order_id)]
+    assert states == ["pending", "sent", "retry", "sent", "filled"]
     store.close()

@@ -63,7 +63,17 @@ def test_uninterrupted_run_fills_each_position_once(tmp_path: Path) -> None:
     assert_exactly_once(run_to_completion(tmp_path))
 
 
-@pytest.mark.parametrize("step", ["journalled", "accepted", "answered"])
+CRASH_POINTS = ("journalled", "sent", "accepted", "answered", "retrying")
+
+
+def test_every_crash_point_is_tested() -> None:
+    """The steps killed at below are every crash point the executor declares."""
+    from tickguard.executor import CRASH_POINTS as declared
+
+    assert declared == CRASH_POINTS
+
+
+@pytest.mark.parametrize("step", CRASH_POINTS)
 def test_sigkill_at_step_then_restart_fills_once(tmp_path: Path, step: str) -> None:
     """Killed at `step`, the restarted process reconciles by client order id: one fill each."""
     kill_at(tmp_path, step)

@@ -8,6 +8,16 @@
 
 A RETRY exit keeps its client order id: the broker may have the order
 already, so it is looked up by that id before anything is sent again.
+
+Recovery is total. A process can die in any in-flight state, and its
+successor (or a restarted driver) resumes every such exit through
+`recovered()`: PENDING stays PENDING (nothing was sent: SENT is journalled
+before every send), SENT and RETRY become RETRY, due at once (the outcome
+is unknown, and a retry time from another process's clock means nothing).
+From there the lookup decides: found -> filled / rejected; not found ->
+`sending()`, legal from both PENDING and RETRY; lookup failed ->
+`unavailable()`. `tests/unit/core/test_exits.py` walks every state and
+every lookup outcome.
 """
 
 from __future__ import annotations
@@ -122,6 +132,18 @@ class Exit:
             failures=self.failures + 1,
             retry_at=now + retry_delay(self.failures + 1),
             detail=detail,
+        )
+
+    def recovered(self) -> Exit:
+        """The restart transition: resumed after a crash, to be looked up before any send."""
+        if self.state is ExitState.PENDING:
+            return self._move("recover", (ExitState.PENDING,))
+        return self._move(
+            "recover",
+            (ExitState.SENT, ExitState.RETRY),
+            state=ExitState.RETRY,
+            retry_at=None,
+            detail="resumed: looking the order up by its client order id",
         )
 
     def due(self, now: float) -> bool:

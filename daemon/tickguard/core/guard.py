@@ -260,6 +260,11 @@ class Guard:
     def due_retries(self, now: float) -> list[Exit]:
         return [e for e in self._exits.values() if e.due(now)]
 
+    def exit_recovered(self, client_order_id: str) -> Exit:
+        """Resume an exit after a crash (see `Exit.recovered`): it is looked up before any send."""
+        exit = self._exits[client_order_id] = self._exits[client_order_id].recovered()
+        return exit
+
     def exit_sending(self, client_order_id: str) -> Exit:
         exit = self._exits[client_order_id] = self._exits[client_order_id].sending()
         return exit

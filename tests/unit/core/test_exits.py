@@ -83,3 +83,51 @@ def test_repeated_failures_grow_the_delay_even_without_sends() -> None:
     e = e.unavailable("lookup failed", 200.0)
     assert e.attempts == 1 and e.failures == 3
     assert (e.retry_at or 0.0) - 200.0 == retry_delay(3) > first
+
+
+def _reachable_in_flight() -> dict[str, Exit]:
+    """One exit in each in-flight state, reached along the machine's own edges."""
+    pending = exit_()
+    sent = pending.sending()
+    retry = sent.unavailable("timed out", now=5.0)
+    return {
+        "pending": pending,
+        "sent": sent,
+        "retry": retry,
+        "retry after a failed lookup": pending.unavailable("lookup failed", now=1.0),
+        "sent again": retry.sending(),
+    }
+
+
+LOOKUP_OUTCOMES = ("not found", "filled", "rejected", "lookup failed")
+
+
+@pytest.mark.parametrize("crashed_in", list(_reachable_in_flight()))
+@pytest.mark.parametrize("lookup", LOOKUP_OUTCOMES)
+def test_recovery_is_total(crashed_in: str, lookup: str) -> None:
+    """From every in-flight state a crash can leave, the resumed exit takes every lookup outcome."""
+    before = _reachable_in_flight()[crashed_in]
+    e = before.recovered()
+    assert e.client_order_id == before.client_order_id and e.attempts == before.attempts
+    assert e.state in (ExitState.PENDING, ExitState.RETRY) and e.retry_at is None
+    assert e.due(0.0) or e.state is ExitState.PENDING
+    if lookup == "not found":
+        after = e.sending()
+        assert after.state is ExitState.SENT and after.attempts == before.attempts + 1
+    elif lookup == "filled":
+        assert e.filled(98.0, "B").state is ExitState.FILLED
+    elif lookup == "rejected":
+        assert e.rejected("no").state is ExitState.REJECTED
+    else:
+        assert e.unavailable("down", now=1.0).state is ExitState.RETRY
+    # Recovering twice (a crash during recovery) changes nothing more.
+    assert e.recovered() == e
+
+
+def test_every_in_flight_state_has_a_restart_transition() -> None:
+    """The enumeration above covers every in-flight state; terminal ones are never resumed."""
+    covered = {e.state for e in _reachable_in_flight().values()}
+    assert covered == {s for s in ExitState if s.in_flight}
+    done = exit_().sending().filled(1.0, "B")
+    with pytest.raises(InvalidTransition):
+        done.recovered()
