@@ -14,7 +14,6 @@ import datetime
 import difflib
 import ipaddress
 import itertools
-import math
 import os
 import re
 import tomllib
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
+from tickguard.core import untrusted
 from tickguard.core.guard import BlindPolicy
 from tickguard.core.positions import (
     MISSING,
@@ -300,6 +300,8 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigFileError(path, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(path, f"TOML syntax error: {exc}") from exc
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise ConfigFileError(path, f"cannot parse: {untrusted.shown(str(exc))}") from exc
     return parse_config(data, env=env)
 
 
@@ -534,14 +536,11 @@ def _number(
     t: _Table, key: str, default: float, expected: str, valid: Callable[[float], bool]
 ) -> float:
     value = t.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    result = untrusted.number(value)
+    if result is None or not valid(result):
         t.problem(key, value, expected)
         return default
-    number = float(value)
-    if not (math.isfinite(number) and valid(number)):
-        t.problem(key, value, expected)
-        return default
-    return number
+    return result
 
 
 def _seconds(t: _Table, key: str, default: float) -> float:

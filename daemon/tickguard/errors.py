@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tickguard.core.untrusted import shown
+
 
 class TickguardError(Exception):
     """Root of every error tickguard raises on purpose."""
@@ -28,7 +30,7 @@ class ConfigProblem:
     expected: str
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.value!r} is invalid; expected {self.expected}"
+        return f"{self.key}: {shown(self.value)} is invalid; expected {self.expected}"
 
 
 class ConfigError(TickguardError):

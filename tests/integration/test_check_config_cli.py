@@ -83,6 +83,14 @@ BROKEN = [
         "'BOSCHLTD'",
     ),
     (f"[feed]\n{URL}\n[[positions]]\n{LONG}\nqty = 3\n", "positions[0].qty", "3"),
+    (
+        f"[feed]\n{URL}\n[[positions]]\nsymbol = 'A'\nside = 'long'\nquantity = {'9' * 400}\n"
+        "entry_price = 1.0\n",
+        "positions[0].quantity",
+        "<an integer of 400 digits>",
+    ),
+    (f"[feed]\n{URL}\nping_interval = {'9' * 400}\n", "feed.ping_interval", "<an integer of 400 digits>"),
+    (f"[feed]\n{URL}\n[dns]\ntimeout = inf\n", "dns.timeout", "inf"),
 ]
 
 
@@ -133,6 +141,15 @@ def test_toml_syntax_error_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout.startswith(f"{tmp_path / 'config.toml'}: TOML syntax error")
     assert len(result.stdout.splitlines()) == 1
+
+
+def test_integer_beyond_the_parser_limit_exits_2(tmp_path: Path) -> None:
+    """An integer of 5,000 digits (over Python's int-parsing limit) is exit 2 with one line."""
+    result = check(tmp_path, f"[feed]\n{URL}\nping_interval = {'9' * 5000}\n")
+    assert result.returncode == 2, result
+    assert result.stdout.startswith(f"{tmp_path / 'config.toml'}: cannot parse"), result.stdout
+    assert len(result.stdout.splitlines()) == 1 and len(result.stdout) < 400
+    assert result.stderr == ""
 
 
 def test_unreadable_file_exits_2(tmp_path: Path) -> None:

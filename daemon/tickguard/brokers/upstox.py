@@ -24,16 +24,16 @@ and is scrubbed from any broker text we repeat.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 
 from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
+from tickguard.core import untrusted
 from tickguard.errors import BrokerRejected, BrokerUnavailable
+from tickguard.replies import BadReply, read_json
 
 log = logging.getLogger(__name__)
 
@@ -183,20 +183,18 @@ class UpstoxBroker:
             async with self._session.request(
                 method, url, json=body, params=params, headers=headers, timeout=self._timeout
             ) as response:
-                text = await response.text()
                 status = response.status
+                payload: Any = await read_json(response)
         except TimeoutError as exc:
             raise self._unavailable(cid, f"{method} {_path(url)}: no answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or exc.__class__.__name__
             raise self._unavailable(cid, f"{method} {_path(url)}: {detail}") from exc
-        try:
-            payload: Any = json.loads(text) if text else None
-        except ValueError:
+        except BadReply as exc:
             payload = None
             if 200 <= status < 300:
                 raise self._unavailable(
-                    cid, f"{method} {_path(url)}: HTTP {status} with a body that is not JSON"
+                    cid, f"{method} {_path(url)}: HTTP {status} with {exc}"
                 ) from None
         return status, payload
 
@@ -359,13 +357,13 @@ def _says_not_found(payload: Any) -> bool:
 
 
 def _positive_float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number > 0 else None
+    """A price as Upstox sends it (a JSON number, sometimes a numeric string), else None."""
+    if isinstance(value, str) and len(value) <= 32:
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    return untrusted.amount(value)
 
 
 def _path(url: str) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from tickguard.core.untrusted import MAX_AMOUNT, amount, number, shown
 
 
 class Side(enum.Enum):
@@ -35,6 +36,9 @@ class FieldProblem:
     field: str
     value: object
     expected: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {shown(self.value)} is invalid; expected {self.expected}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +75,6 @@ class PositionSpec:
         return found
 
 
-# Quantities and prices above this are typing errors, and their products (pnl)
-# would overflow a double into infinity, which JSON cannot carry.
-MAX_AMOUNT = 1e12
 MAX_SYMBOL_LENGTH = 64
 SYMBOL_EXPECTED = (
     f"a printable symbol of 1 to {MAX_SYMBOL_LENGTH} characters without surrounding spaces"
@@ -91,7 +92,7 @@ def valid_symbol(symbol: str) -> bool:
 
 
 def _positive(value: float) -> bool:
-    return math.isfinite(value) and 0 < value < MAX_AMOUNT
+    return amount(value) is not None
 
 
 class _Missing:
@@ -125,12 +126,13 @@ _EXPECTED = {
 }
 
 
-def _type_ok(name: str, value: object) -> bool:
+def _typed(name: str, value: object) -> object:
+    """The field's value in its type, or None when it has the wrong type (or no finite value)."""
     if name == "symbol":
-        return isinstance(value, str)
+        return value if isinstance(value, str) else None
     if name == "side":
-        return value in ("long", "short")
-    return not isinstance(value, bool) and isinstance(value, int | float)
+        return value if value in ("long", "short") else None
+    return number(value)
 
 
 def parse_spec(data: Mapping[str, object]) -> tuple[PositionSpec | None, list[FieldProblem]]:
@@ -147,8 +149,8 @@ def parse_spec(data: Mapping[str, object]) -> tuple[PositionSpec | None, list[Fi
         if value is None:
             if name in REQUIRED_POSITION_FIELDS:
                 problems.append(FieldProblem(name, MISSING, _EXPECTED[name]))
-        elif _type_ok(name, value):
-            values[name] = float(value) if isinstance(value, int) else value
+        elif (typed := _typed(name, value)) is not None:
+            values[name] = typed
         else:
             problems.append(FieldProblem(name, value, _EXPECTED[name]))
     if problems:

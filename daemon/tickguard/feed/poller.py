@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.feed.protocol import PollSource
 from tickguard.feed.supervisor import FeedSupervisor, OnPrices
 from tickguard.metrics import Metrics
+from tickguard.replies import read_json
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ class FallbackPoller:
             if response.status == 429:
                 raise RateLimited(_retry_after(response.headers.get("Retry-After")))
             response.raise_for_status()
-            body = await response.json(content_type=None)
+            body = await read_json(response)  # bounded; BadReply is a ValueError
         if not self._supervisor.fallback_active:
             return  # live data came back while this answer was in flight: it is late
         now = self._mono()
@@ -142,6 +144,8 @@ def _retry_after(value: str | None) -> float:
         return 1.0
     try:
         seconds = float(value)
+        if math.isnan(seconds):  # "1e999" is clamped below; NaN would compare as nothing
+            return 1.0
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)

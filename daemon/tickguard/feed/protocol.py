@@ -7,10 +7,11 @@ a malformed frame is reported by reason, dropped, and the connection stays.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from tickguard.core import untrusted
 
 # Bad-message reasons, the `reason` label of tickguard_feed_bad_messages_total.
 BINARY = "binary"
@@ -47,11 +48,11 @@ class Decoded:
         if not isinstance(symbol, str) or not symbol:
             self.errors.append(NO_SYMBOL)
             return
-        value = valid_price(price)
+        value = untrusted.amount(price)
         if value is None:
             self.errors.append(BAD_PRICE)
             return
-        ok, ts = valid_timestamp(exchange_ts)
+        ok, ts = untrusted.epoch_ms(exchange_ts)
         if not ok:
             self.errors.append(BAD_TIMESTAMP)
             return
@@ -75,25 +76,6 @@ class FeedProtocol(Protocol):
     def add_frames(self, symbols: Sequence[str], added: Sequence[str]) -> list[str | bytes]:
         """Frames that extend a live subscription to `added` (`symbols` is the whole set)."""
         ...
-
-
-def valid_price(value: object) -> float | None:
-    """A JSON number (not a bool or string) that is finite and > 0, else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    price = float(value)
-    return price if math.isfinite(price) and price > 0 else None
-
-
-def valid_timestamp(value: object) -> tuple[bool, int | None]:
-    """(ok, epoch ms) for an optional timestamp: absent/null is fine, garbage is not."""
-    if value is None:
-        return True, None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False, None
-    if not math.isfinite(value) or value < 0:
-        return False, None
-    return True, int(value)
 
 
 @dataclass(frozen=True, slots=True)

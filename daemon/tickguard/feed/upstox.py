@@ -28,6 +28,7 @@ import aiohttp
 from tickguard.errors import FeedError
 from tickguard.feed import protobuf as pb
 from tickguard.feed import protocol as p
+from tickguard.replies import BadReply, read_body
 
 TEXT = "text"  # bad-message reason: a text frame where Upstox sends only binary
 
@@ -197,7 +198,9 @@ async def authorize(
             allow_redirects=False,  # never forward the token elsewhere
         ) as response:
             status = response.status
-            raw = await response.read()
+            raw = await read_body(response)
+    except BadReply as exc:
+        raise FeedError("handshake", f"authorize at {host}: {exc}") from None
     except TimeoutError:
         raise FeedError("connect", f"authorize at {host}: no answer within {timeout:g}s") from None
     except (aiohttp.ClientError, OSError) as exc:
