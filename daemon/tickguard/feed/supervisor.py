@@ -9,6 +9,10 @@ address, and a connection is declared dead two ways:
 - zombie: pongs come back but no data frame (tick or heartbeat) arrives for
   silence_timeout while the market is open.
 
+Writes have deadlines too, for a server that stops reading its socket: each
+frame we send (subscribe frames, our pings) must leave within ping_timeout, and
+the bytes the library writes by itself (pongs) are capped by FeedConnection.
+
 Either way the socket is aborted and the REST fallback takes over until a
 live price arrives again (a reconnect alone does not end the fallback).
 """
@@ -20,7 +24,7 @@ import enum
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -45,6 +49,14 @@ wire_log.setLevel(logging.INFO)
 MAX_FRAME_BYTES = 1 << 20
 OPEN_TIMEOUT = 10.0  # TCP + TLS + WebSocket handshake of one address
 ADDRESSES_PER_ATTEMPT = 3
+# Our own send() and ping() wait while more than this is unsent (the library's
+# default, named because the write deadlines below rest on it).
+WRITE_LIMIT = 1 << 15
+# Unsent bytes past which the connection is aborted. The library writes pongs
+# without waiting, so WRITE_LIMIT does not bound them: a server that floods
+# pings and never reads grew this buffer by tens of MB a second, for as long
+# as it liked.
+MAX_UNSENT_BYTES = 1 << 20
 
 
 class FeedState(enum.Enum):
@@ -62,6 +74,45 @@ class Failure:
     kind: str  # a tickguard_websocket_network_errors_total kind
     detail: str
     auth: bool = False
+
+
+class FeedConnection(ClientConnection):
+    """A client connection with a cap on its unsent bytes, that keeps why we aborted it.
+
+    The cap is checked in data_received, after the library's own: what the
+    library writes unasked (pongs, the answer to a close frame) it writes there,
+    into the transport, without waiting. Checked once the read is handled, the
+    buffer never holds more than MAX_UNSENT_BYTES plus the pongs for one read
+    (asyncio reads at most 256 KiB at a time). Over TLS the transport counts
+    what waits to be encrypted and sent, so the same check holds.
+    A timer armed by pause_writing was the other candidate: it would time what
+    the keepalive already times (no ping of ours leaves, or is answered, while
+    the server does not read), and memory would still grow until it fired.
+    """
+
+    failure: Failure | None = None  # why we aborted it, when we did
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written to this connection that the kernel has not taken yet."""
+        return self.transport.get_write_buffer_size()
+
+    def stalled(self) -> str:
+        """A note for a failure's detail when bytes are waiting: the server is not reading."""
+        unsent = self.unsent
+        return f"the server stopped reading ({unsent} bytes unsent)" if unsent else ""
+
+    def fail(self, failure: Failure) -> Failure:
+        """Abort the connection for `failure`; return the first failure given (the reason kept)."""
+        if self.failure is None:
+            self.failure = failure
+        self.transport.abort()  # wakes recv() and pending pings with ConnectionClosed
+        return self.failure
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.failure is None and self.unsent > MAX_UNSENT_BYTES:
+            self.fail(Failure("protocol", self.stalled()))
 
 
 OnPrices = Callable[[list[str], PriceSource], None]
@@ -119,9 +170,8 @@ class FeedSupervisor:
         # live price arrives again; at start no live price has arrived yet.
         self.fallback_active = True
         self.fallback_changed = asyncio.Event()
-        self._ws: ClientConnection | None = None
+        self._ws: FeedConnection | None = None
         self._recheck_dns = False
-        self._keepalive_failed = False
         self.metrics.fallback_active.set(1)
 
     # -- public ---------------------------------------------------------
@@ -129,6 +179,12 @@ class FeedSupervisor:
     @property
     def connected(self) -> bool:
         return self.state is FeedState.CONNECTED
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes written to the live socket that the kernel has not taken yet (0 while down)."""
+        ws = self._ws
+        return 0 if ws is None else ws.unsent
 
     def streak(self) -> int:
         return self.backoff.streak(self._mono())
@@ -158,11 +214,8 @@ class FeedSupervisor:
         added = sorted(wanted - self.subscribed)
         if ws is None or not self.connected or not added:
             return
-        try:
-            for frame in self.protocol.add_frames(sorted(wanted), added):
-                await ws.send(frame)
-        except ConnectionClosed:
-            return  # the next connection subscribes everything
+        if await self._send(ws, self.protocol.add_frames(sorted(wanted), added)) is not None:
+            return  # the receiver reports the failure; the next connection subscribes everything
         self.subscribed = wanted
         log.info("[FEED] subscribed %s", ", ".join(added))
 
@@ -196,6 +249,8 @@ class FeedSupervisor:
                     ping_timeout=None,
                     close_timeout=1.0,
                     max_size=MAX_FRAME_BYTES,
+                    write_limit=WRITE_LIMIT,
+                    create_connection=FeedConnection,
                     compression=None,
                     proxy=None,
                     user_agent_header=f"tickguard/{__version__}",
@@ -218,6 +273,7 @@ class FeedSupervisor:
             except (OSError, TimeoutError) as exc:
                 failure = Failure("connect", f"{address}: {_short(exc) or 'timed out'}")
                 continue
+            assert isinstance(ws, FeedConnection)  # create_connection above
             self.address = address
             try:
                 return await self._live(ws, host)
@@ -231,13 +287,13 @@ class FeedSupervisor:
             self._ssl = ssl.create_default_context()  # verification on, hostname checked
         return self._ssl
 
-    async def _live(self, ws: ClientConnection, host: str) -> Failure:
+    async def _live(self, ws: FeedConnection, host: str) -> Failure:
         symbols = sorted(self._symbols())
-        try:
-            for frame in self.protocol.subscribe_frames(symbols):
-                await ws.send(frame)
-        except ConnectionClosed as exc:
-            return Failure("closed", f"closed while subscribing ({_closed(exc)})")
+        failure = await self._send(ws, self.protocol.subscribe_frames(symbols))
+        if failure is not None:
+            if failure.kind == "closed":
+                return Failure("closed", f"closed while subscribing ({failure.detail})")
+            return failure
         now = self._mono()
         self._ws = ws
         self.subscribed = frozenset(symbols)
@@ -267,7 +323,24 @@ class FeedSupervisor:
             stopping = task is not None and task.cancelling() > 0  # shutdown, not an outage
             self._set_fallback(True, "socket down", quiet=stopping)
 
-    async def _receive(self, ws: ClientConnection) -> Failure:
+    async def _send(self, ws: FeedConnection, frames: Iterable[str | bytes]) -> Failure | None:
+        """Send each frame within ping_timeout, or abort the connection; the failure that ended it."""
+        timeout = self.config.ping_timeout
+        for frame in frames:
+            try:
+                # send() returns once the frame is handed to the kernel, or waits
+                # (drain) while more than WRITE_LIMIT is unsent.
+                async with asyncio.timeout(timeout):
+                    await ws.send(frame)
+            except TimeoutError:
+                note = ws.stalled() or "the server stopped reading"
+                detail = f"a frame not sent within {timeout:g}s: {note}"
+                return ws.fail(Failure("ping_timeout", detail))
+            except ConnectionClosed as exc:
+                return ws.failure or Failure("closed", _closed(exc))
+        return None
+
+    async def _receive(self, ws: FeedConnection) -> Failure:
         silence = self.config.silence_timeout
         while True:
             assert self.last_frame_at is not None
@@ -284,9 +357,8 @@ class FeedSupervisor:
                     return Failure("silence", f"no data for {silence:g}s")
                 continue
             except ConnectionClosed as exc:
-                if self._keepalive_failed:
-                    timeout = self.config.ping_timeout
-                    return Failure("ping_timeout", f"no pong within {timeout:g}s")
+                if ws.failure is not None:  # we aborted it, and said why
+                    return ws.failure
                 if _too_large(exc):
                     self.metrics.bad_messages.labels(TOO_LARGE).inc()
                     return Failure("protocol", "a frame over the size limit")
@@ -310,16 +382,22 @@ class FeedSupervisor:
             if updated:
                 self._on_prices(updated, PriceSource.LIVE)
 
-    async def _keepalive(self, ws: ClientConnection) -> None:
+    async def _keepalive(self, ws: FeedConnection) -> None:
+        timeout = self.config.ping_timeout
         while True:
             await asyncio.sleep(self.config.ping_interval)
+            pong: Awaitable[float] | None = None
             try:
-                pong = await ws.ping()
-                async with asyncio.timeout(self.config.ping_timeout):
+                # Sending the ping is inside the deadline: ping() waits (drain)
+                # while the server is not reading what we write.
+                async with asyncio.timeout(timeout):
+                    pong = await ws.ping()
                     await pong
             except TimeoutError:
-                self._keepalive_failed = True
-                ws.transport.abort()  # wakes the receiver with ConnectionClosed
+                what = "no pong" if pong is not None else "our ping not sent"
+                note = ws.stalled()
+                detail = f"{what} within {timeout:g}s" + (f": {note}" if note else "")
+                ws.fail(Failure("ping_timeout", detail))  # wakes the receiver
                 return
             except ConnectionClosed:
                 return
