@@ -403,17 +403,27 @@ async def test_listener_gets_settled_exits_with_elapsed_time(make_world: Factory
     assert elapsed is not None and 0.03 <= elapsed < 0.5
 
 
-async def test_a_crashed_driver_resumes_with_a_lookup(tmp_path: Path) -> None:
-    """If an exit's driver crashes, it restarts by looking the order up, and fills once."""
+@pytest.mark.parametrize(
+    ("step", "journal"),
+    [
+        ("journalled", ["pending", "sent", "filled"]),
+        # Died between journalling `sent` and the broker call: resumed as a retry.
+        ("sent", ["pending", "sent", "retry", "sent", "filled"]),
+    ],
+)
+async def test_a_crashed_driver_resumes_with_a_lookup(
+    tmp_path: Path, step: str, journal: list[str]
+) -> None:
+    """If an exit's driver crashes at `step`, it restarts by looking the order up, and fills once."""
     store = Store.in_dir(tmp_path)
     book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
     guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
     broker = PaperBroker(store, lambda s: 99.0)
     crashes = 0
 
-    async def crash_once(step: str, exit: Exit) -> None:
+    async def crash_once(at: str, exit: Exit) -> None:
         nonlocal crashes
-        if step == "journalled" and crashes == 0:
+        if at == step and crashes == 0:
             crashes += 1
             raise RuntimeError("a bug in the driver")
 
@@ -428,7 +438,9 @@ async def test_a_crashed_driver_resumes_with_a_lookup(tmp_path: Path) -> None:
     async with asyncio.timeout(10):
         await settled.wait()  # the restarted driver settles it
     assert crashes == 1 and store.paper_fill_count() == 1 and guard.position("A") is None
+    assert [e["state"] for e in store.exit_events(request.exit.client_order_id)] == journal
     store.close()
+
 
 
 @pytest.mark.parametrize("state", [ExitState.PENDING, ExitState.SENT, ExitState.RETRY])
@@ -491,34 +503,4 @@ async def test_an_acknowledged_order_is_never_resent_when_its_lookup_lags(
     assert broker.placed == [request.exit.client_order_id] and broker.lookups == 3
     record = store.exit_record(request.exit.client_order_id)
     assert record is not None and record.exit.state is ExitState.FILLED
-    store.close()
-
-
-async def test_a_driver_crashed_after_sent_resumes_and_sends_once(tmp_path: Path) -> None:
-    """A driver that dies between journalling `sent` and the broker call resumes with one send."""
-    store = Store.in_dir(tmp_path)
-    book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
-    guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
-    broker = PaperBroker(store, lambda s: 99.0)
-    crashes = 0
-
-    async def crash_once(step: str, exit: Exit) -> None:
-        nonlocal crashes
-        if step == "sent" and crashes == 0:
-            crashes += 1
-            raise RuntimeError("a bug in the driver")
-
-    settled = asyncio.Event()
-    executor = ExitExecutor(
-        guard, store, broker, checkpoint=crash_once, listener=lambda e, p, t: settled.set()
-    )
-    guard.add(store.add_position(PositionSpec("A", Side.LONG, 1, 100.0), 0.0), 0.0)
-    request = guard.close("A", ExitReason.EMERGENCY, 0.0, 0.0)
-    assert request.event is not None
-    executor.submit(request.event)
-    async with asyncio.timeout(10):
-        await settled.wait()
-    assert crashes == 1 and store.paper_fill_count() == 1 and guard.position("A") is None
-    states = [e["state"] for e in store.exit_events(request.exit.client_order_id)]
-    assert states == ["pending", "sent", "retry", "sent", "filled"]
     store.close()
