@@ -1,9 +1,17 @@
 """The HTTP API (SPEC section 4): health, emergency close, positions, exits, metrics.
 
 JSON in and out. Mutating routes need `Authorization: Bearer <token>`,
-compared in constant time; with no token configured they answer 503. Every
-error has the SPEC's shape `{"status": "error", "error": code, "message": ...}`.
-Every mutating call is written to the audit log.
+compared in constant time as bytes (a header that is not UTF-8 is just a wrong
+token); with no token configured they answer 503. Every error has the SPEC's
+shape `{"status": "error", "error": code, "message": ...}`: a body that cannot
+be read or parsed (bad JSON, nested too deep, a bad Content-Encoding) is a 400,
+one that does not arrive in time a 408, a state store that fails a 503
+(`store_unavailable`; its path stays in the log). Every JSON answer goes through
+`dumps`: strict JSON (RFC 8259), a non-finite number becomes null. Every
+mutating call is written to the audit log.
+
+Lines a client can cause are rate-limited (`log_limit.LogRateLimit`) and quote
+nothing from the request beyond a bounded `shown()` of the path.
 """
 
 from __future__ import annotations
@@ -31,19 +39,48 @@ from tickguard.core.positions import (
     parse_spec,
 )
 from tickguard.core.prices import Freshness, Quote
-from tickguard.errors import StoreError
+from tickguard.core.untrusted import parse_json, shown
+from tickguard.errors import PositionExists, StoreError
 from tickguard.guardian import CloseOutcome
+from tickguard.http_server import CONNECTIONS, DEFAULT_LIMITS, LIMITS
+from tickguard.log_limit import LogRateLimit
 from tickguard.metrics import NETWORK_ERROR_KINDS
 
 if TYPE_CHECKING:
     from tickguard.app import Daemon
 
 log = logging.getLogger(__name__)
+log.addFilter(LogRateLimit())  # every line here is caused by a request
 
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 MAX_BODY = 64 * 1024
 CLOSE_REASONS = ("stop_loss", "take_profit", "emergency")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def dumps(data: object) -> str:
+    """Strict JSON (no NaN or Infinity, which JSON has no words for): non-finite numbers are null."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(data), allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_response(
+    data: object, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """`web.json_response` through `dumps`: every JSON answer of the API is made here."""
+    return web.json_response(data, status=status, headers=headers, dumps=dumps)
 
 
 class ApiError(Exception):
@@ -57,7 +94,10 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         body = {"status": "error", "error": self.code, "message": self.message, **self.extra}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        response = json_response(body, status=self.status, headers=headers)
+        if self.status == 408:
+            response.force_close()  # the rest of the body may still come: not a next request
+        return response
 
 
 @web.middleware
@@ -66,6 +106,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except PositionExists as exc:
+        return ApiError(409, "conflict", str(exc), symbol=exc.symbol).response()
+    except StoreError as exc:  # the message names the store's path: the log only
+        log.error("API %s %s: state store failed: %s", request.method, shown(request.path), exc)
+        return ApiError(
+            503, "store_unavailable", "the state store is unavailable; see the daemon's log"
+        ).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -77,7 +124,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except Exception:
-        log.exception("API %s %s failed", request.method, request.path)
+        log.exception("API %s %s failed", request.method, shown(request.path))
         return ApiError(500, "internal", "internal error; see the daemon's log").response()
 
 
@@ -87,11 +134,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         token = request.app[DAEMON].token
         if not token:
             raise ApiError(503, "no_token", "no API token is configured (http.token_file)")
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), token.encode()
-        ):
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates: back to the same bytes.
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
     return await handler(request)
 
@@ -120,7 +166,11 @@ def build_app(daemon: Daemon) -> web.Application:
 
 
 async def connection_health(request: web.Request) -> web.Response:
-    return web.json_response(health(request.app[DAEMON]))
+    document = health(request.app[DAEMON])
+    connections = request.app.get(CONNECTIONS)
+    if connections is not None:  # served by http_server.ApiServer
+        document["http"] = connections.snapshot()
+    return json_response(document)
 
 
 def health(d: Daemon) -> dict[str, Any]:
@@ -139,7 +189,8 @@ def health(d: Daemon) -> dict[str, Any]:
         m.registry.get_sample_value("tickguard_websocket_network_errors_total", {"kind": k}) or 0
         for k in NETWORK_ERROR_KINDS
     )
-    degraded = (not sup.connected) or sup.fallback_active or bool(stale)
+    held_back = d.guardian.held_back  # config positions not armed: the store was lost
+    degraded = (not sup.connected) or sup.fallback_active or bool(stale) or bool(held_back)
     market_now = datetime.now(UTC)
     next_change = d.market.next_change(market_now)
     return {
@@ -186,6 +237,7 @@ def health(d: Daemon) -> dict[str, Any]:
             "stale_symbols": stale,
             "unusable_symbols": unusable,
             "blind_symbols": sorted(s for s in d.guard.symbols() if d.guard.is_blind(s)),
+            "held_back": held_back,
         },
         "exits": {
             "in_flight": len(d.guard.exits_in_flight()),
@@ -219,7 +271,7 @@ async def healthz(request: web.Request) -> web.Response:
     limit = max(5.0, 5 * d.guardian.sweep_interval)
     if last is None or d.monotonic() - last > limit:
         raise ApiError(503, "guard_stalled", f"the guard loop made no progress for over {limit:g}s")
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -231,9 +283,12 @@ async def readyz(request: web.Request) -> web.Response:
         if not q.usable:
             age = "no price yet" if q.price is None else f"price {q.age:.0f}s old"
             reasons.append(f"{symbol}: no usable price ({age})")
+    if d.guardian.held_back:
+        held = ", ".join(d.guardian.held_back)
+        reasons.append(f"config positions not armed, the state store was lost: {held}")
     if reasons:
         raise ApiError(503, "not_ready", "; ".join(reasons), reasons=reasons)
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -266,7 +321,7 @@ async def emergency_close_position(request: web.Request) -> web.Response:
         d.wall(),
     )
     result, status = await close_one(d, symbol, reason)
-    return web.json_response(result, status=status)
+    return json_response(result, status=status)
 
 
 async def emergency_close_all(request: web.Request) -> web.Response:
@@ -283,7 +338,7 @@ async def emergency_close_all(request: web.Request) -> web.Response:
     outcomes = await asyncio.gather(*(close_one(d, s, reason) for s in symbols))
     results = [result for result, _ in outcomes]
     ok = all(status == 200 for _, status in outcomes)
-    return web.json_response({"status": "success" if ok else "partial", "results": results})
+    return json_response({"status": "success" if ok else "partial", "results": results})
 
 
 async def close_one(d: Daemon, symbol: str, reason: ExitReason) -> tuple[dict[str, Any], int]:
@@ -372,7 +427,7 @@ async def list_positions(request: web.Request) -> web.Response:
     guarded = {p.id: p for p in d.guard.positions()}
     rows = d.store.positions(active_only=state != "all")
     out = [position_json(guarded.get(p.id, p), d, now) for p in rows]
-    return web.json_response({"positions": out})
+    return json_response({"positions": out})
 
 
 def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
@@ -396,25 +451,17 @@ async def add_position(request: web.Request) -> web.Response:
     spec = _spec(body)
     if d.guard.position(spec.symbol) is not None:
         raise ApiError(409, "conflict", f"{spec.symbol} already has an open position")
-    try:
-        position = d.guardian.add(spec, source=f"api {request.remote}")
-    except StoreError as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
+    # PositionExists (a duplicate the store caught) is a 409; any other StoreError a 503.
+    position = d.guardian.add(spec, source=f"api {request.remote}")
     await d.supervisor.subscribe_more()
-    return web.json_response(position_json(position, d, d.monotonic()), status=201)
+    return json_response(position_json(position, d, d.monotonic()), status=201)
 
 
 def _spec(body: dict[str, Any]) -> PositionSpec:
     _only(body, POSITION_FIELDS)
     spec, problems = parse_spec(body)
     if spec is None:
-        raise ApiError(
-            400,
-            "bad_request",
-            "; ".join(
-                f"{p.field}: {p.value!r} is invalid; expected {p.expected}" for p in problems
-            ),
-        )
+        raise ApiError(400, "bad_request", "; ".join(str(p) for p in problems))
     return spec
 
 
@@ -429,7 +476,7 @@ async def delete_position(request: web.Request) -> web.Response:
             409, "conflict", f"{symbol} is exiting; it cannot be dropped", state="exiting"
         )
     removed = d.guardian.remove(symbol, source=f"api {request.remote}")
-    return web.json_response(
+    return json_response(
         {"status": "success", "symbol": symbol, "id": removed.id, "state": "closed"}
     )
 
@@ -460,19 +507,27 @@ async def list_exits(request: web.Request) -> web.Response:
                 "detail": live.detail,
             }
         )
-    return web.json_response({"exits": out})
+    return json_response({"exits": out})
 
 
 # -- request helpers ----------------------------------------------------------
 
 
 async def _body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+    """The JSON object in the body: 400 unreadable or not one, 408 not here in time, 413 too big."""
+    timeout = request.app.get(LIMITS, DEFAULT_LIMITS).body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "timeout", f"the body did not arrive within {timeout:g}s") from None
+    except (web.RequestPayloadError, ConnectionError):  # a bad Content-Encoding, a cut body
+        raise ApiError(400, "bad_body", "the body could not be read") from None
     if not raw.strip() and optional:
         return {}
     try:
-        body = json.loads(raw.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+        body = parse_json(raw)
+    except ValueError:  # bad syntax or UTF-8, nested too deep, huge integers
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, PlatformCollector, ProcessCollector
 
 from tickguard import __version__
@@ -30,11 +29,10 @@ from tickguard.api import build_app
 from tickguard.brokers.base import Broker
 from tickguard.brokers.paper import PaperBroker
 from tickguard.brokers.upstox import UpstoxBroker
-from tickguard.config import Config
+from tickguard.config import Config, read_secret
 from tickguard.core.guard import Guard
 from tickguard.core.market import MarketCalendar
 from tickguard.core.prices import PriceBook
-from tickguard.errors import ConfigError, ConfigProblem
 from tickguard.executor import DEFAULT_ORDER_TIMEOUT, ExitExecutor
 from tickguard.feed.dns import AiohttpResolver, ResolverChain
 from tickguard.feed.json_protocol import JsonProtocol
@@ -45,6 +43,7 @@ from tickguard.feed.supervisor import OPEN_TIMEOUT, FeedSupervisor
 from tickguard.feed.upstox import UpstoxProtocol, authorize
 from tickguard.feed.upstox import poll_source as upstox_poll_source
 from tickguard.guardian import Guardian
+from tickguard.http_server import ApiServer
 from tickguard.metrics import AgeCollector, Metrics
 from tickguard.store import Store
 from tickguard.systemd import Notifier, measure_lag
@@ -82,21 +81,8 @@ class Daemon:
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     task_crashes: Counter | None = None
+    rearm: bool = False  # arm config positions even into a lost store (`run --rearm`)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-def read_token(path: str, key: str = "http.token_file") -> str | None:
-    """The secret in `path` (whitespace stripped), None for no path; ConfigError names `key`."""
-    if not path:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise ConfigError([ConfigProblem(key, path, f"a readable file ({exc.strerror})")]) from None
-    if not token:
-        raise ConfigError([ConfigProblem(key, path, "a file holding a non-empty token")])
-    return token
 
 
 async def build(config: Config) -> Daemon:
@@ -129,7 +115,7 @@ async def build(config: Config) -> Daemon:
     )
     up = config.upstox
     uses_upstox = "upstox" in (config.feed.protocol, config.broker.kind)
-    upstox_token = read_token(up.token_file, "upstox.token_file") if uses_upstox else None
+    upstox_token = read_secret(up.token_file, "upstox.token_file") if uses_upstox else None
     broker: Broker
     if config.broker.kind == "upstox":
         assert upstox_token is not None  # the config requires a token file
@@ -206,7 +192,7 @@ async def build(config: Config) -> Daemon:
         poller=poller,
         session=session,
         notifier=Notifier(),
-        token=read_token(config.http.token_file),
+        token=read_secret(config.http.token_file, "http.token_file"),
         subscriptions=subscriptions,
         task_crashes=Counter(
             "tickguard_task_crashes",
@@ -228,9 +214,14 @@ async def build(config: Config) -> Daemon:
     return daemon
 
 
-async def run(config: Config, *, stop: asyncio.Event | None = None) -> int:
-    """Run the daemon until `stop` is set (or SIGTERM/SIGINT). Returns the exit code."""
-    return await serve(await build(config), stop=stop)
+async def run(config: Config, *, stop: asyncio.Event | None = None, rearm: bool = False) -> int:
+    """Run the daemon until `stop` is set (or SIGTERM/SIGINT). Returns the exit code.
+
+    `rearm`: arm the config's positions even though the store was lost (see Guardian.recover).
+    """
+    daemon = await build(config)
+    daemon.rearm = rearm
+    return await serve(daemon, stop=stop)
 
 
 async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
@@ -249,26 +240,27 @@ async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await daemon.session.close()
+        if daemon.store.salvage():  # its file vanished under us: nothing of it is lost
+            log.critical(
+                "[GUARD] the state store was deleted while running; written back to %s",
+                daemon.store.path,
+            )
         daemon.store.close()
         daemon.notifier.close()
 
 
 async def _serve(d: Daemon, stop: asyncio.Event) -> int:
-    d.guardian.recover(d.config.positions)
+    d.guardian.recover(d.config.positions, rearm=d.rearm)
     d.guardian.sweep()  # the guard loop has run once before READY
-    runner = web.AppRunner(
-        build_app(d), handle_signals=False, access_log=None, shutdown_timeout=API_SHUTDOWN_TIMEOUT
-    )
-    await runner.setup()
     host, port = d.config.http.host, d.config.http.port
+    # Connection, time and log bounds of the API: see tickguard.http_server.
+    server = ApiServer(build_app(d), host, port, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
+        await server.start()
     except OSError as exc:
         log.error("[HTTP] cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
-        await runner.cleanup()
         return 1
-    bound = runner.addresses[0]
+    bound = server.addresses[0]
     log.info("[HTTP] listening on %s:%d", bound[0], bound[1])
     if d.token is None:
         log.warning("[HTTP] no API token configured: mutating routes answer 503")
@@ -294,7 +286,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     code = 1 if failed.is_set() else 0
     log.info("shutting down (%s)", "fatal error" if code else "signal")
     d.notifier.stopping()
-    await runner.cleanup()  # stop accepting requests
+    await server.close()  # stop accepting requests
     if not await d.executor.drain(SHUTDOWN_EXIT_WAIT):
         log.warning("exits still in flight at shutdown; they resume (reconciled) on the next start")
     for task in d.tasks:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from tickguard import __version__
-from tickguard.config import config_path, load_config, parse_listen
+from tickguard.config import check_secrets, config_path, load_config, parse_listen
 from tickguard.errors import ConfigError
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # no timestamps: journald adds them
@@ -33,6 +33,18 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
         super().emit(record)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """LOG_FORMAT, one line per record: the line breaks of a message or a traceback become " | ".
+
+    journald stores each line of stderr as an entry and rate-limits entries, so a
+    20-line traceback would cost 20 of the burst that `[SL]`/`[EXIT]` lines need;
+    and no value quoted in a message can start a line of its own (a forged `[EXIT]`).
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(super().format(record).splitlines())
+
+
 _log_handler: logging.Handler | None = None
 
 
@@ -42,7 +54,7 @@ def configure_logging(level: str | int = "info") -> None:
     root = logging.getLogger()
     if _log_handler is None:
         _log_handler = _StderrHandler()
-        _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        _log_handler.setFormatter(_OneLineFormatter(LOG_FORMAT))
         root.addHandler(_log_handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
 
@@ -50,10 +62,11 @@ def configure_logging(level: str | int = "info") -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """`tickguard check-config PATH`: `ok` and 0, or one line per problem and 2."""
     try:
-        load_config(args.path)
-    except ConfigError as exc:
-        for line in str(exc).splitlines():
-            print(line)
+        problems = check_secrets(load_config(args.path))
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:  # its str() has one line per problem
+        print(exc)
         return EXIT_CONFIG
     print("ok")
     return EXIT_OK
@@ -74,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config.daemon.log_level)
     try:
-        return asyncio.run(app.run(config))
+        return asyncio.run(app.run(config, rearm=args.rearm))
     except ConfigError as exc:
         for line in str(exc).splitlines():
             print(f"tickguard: {line}", file=sys.stderr)
@@ -166,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="PATH",
         help="config file (default: $TICKGUARD_CONFIG, else /etc/tickguard/config.toml)",
+    )
+    run.add_argument(
+        "--rearm",
+        action="store_true",
+        help="arm the config's [[positions]] even though the state store was lost"
+        " (check the account first: a position that already exited would be sold again)",
     )
 
     check = command("check-config", cmd_check_config, "validate a config file")

@@ -14,6 +14,7 @@ from tickguard.config import (
     TOKEN_CREDENTIAL,
     config_path,
     load_config,
+    read_secret,
 )
 from tickguard.errors import ConfigError
 
@@ -57,8 +58,8 @@ def read_token(explicit: str | None, config_file: str | None = None) -> str | No
             candidates.append(str(Path(creds) / TOKEN_CREDENTIAL))
     for candidate in candidates:
         try:
-            token = Path(candidate).read_text(encoding="utf-8").strip()
-        except OSError:
+            token = read_secret(candidate, "--token-file")
+        except ConfigError:
             continue
         if token:
             return token
@@ -122,6 +123,10 @@ def render_health(h: dict[str, Any]) -> str:
         f"  positions {pos.get('open', 0)} open, {pos.get('exiting', 0)} exiting;"
         f" stale: {', '.join(pos.get('stale_symbols', [])) or 'none'}"
     )
+    if pos.get("held_back"):
+        lines.append(
+            f"            NOT ARMED (the state store was lost): {', '.join(pos['held_back'])}"
+        )
     entries = h["price_cache"]["cache_entries"]
     for symbol, e in sorted(entries.items()):
         age = e["age_seconds"]

@@ -36,6 +36,7 @@ from tickguard.core.positions import (
     valid_symbol,
 )
 from tickguard.errors import ConfigError, ConfigProblem
+from tickguard.files import read_small
 
 # Where the config file is looked for when `tickguard run` gets no --config.
 CONFIG_PATH_ENV: Final = "TICKGUARD_CONFIG"
@@ -303,6 +304,50 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
         raise ConfigFileError(path, f"cannot parse: {untrusted.shown(str(exc))}") from exc
     return parse_config(data, env=env)
+
+
+TOKEN_MAX_BYTES: Final = 4096  # a token file larger than this is a mistake (or /dev/zero)
+
+
+def read_secret(path: str, key: str) -> str | None:
+    """The token in the file at `path` (whitespace stripped); None for no path.
+
+    Only a regular file of at most TOKEN_MAX_BYTES is read, never a FIFO or a
+    device; ConfigError names `key` and the path (never the content).
+    """
+    if not path:
+        return None
+    expected = f"a readable regular file of at most {TOKEN_MAX_BYTES} bytes"
+    try:
+        raw = read_small(path, TOKEN_MAX_BYTES)
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(key, path, f"{expected} ({exc.strerror})")]) from None
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem(key, path, "a UTF-8 text file")]) from None
+    if not token:
+        raise ConfigError([ConfigProblem(key, path, "a file holding a non-empty token")])
+    return token
+
+
+def secret_files(config: Config) -> list[tuple[str, str]]:
+    """(key, path) of every token file this configuration reads."""
+    files = [("http.token_file", config.http.token_file)]
+    if "upstox" in (config.feed.protocol, config.broker.kind):
+        files.append(("upstox.token_file", config.upstox.token_file))
+    return [(key, path) for key, path in files if path]
+
+
+def check_secrets(config: Config) -> list[ConfigProblem]:
+    """Every token file that `run` would refuse (check-config reports them too)."""
+    problems: list[ConfigProblem] = []
+    for key, path in secret_files(config):
+        try:
+            read_secret(path, key)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
 
 
 def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = None) -> Config:

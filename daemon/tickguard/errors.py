@@ -7,6 +7,8 @@
   may or may not exist, so retry idempotently (same client order id, after
   reconciling).
 - StoreError: the state directory is unusable; the daemon cannot guard safely.
+  PositionExists, its one subclass, is no failure of the store: the symbol
+  already has an active position (the caller asked for a duplicate).
 """
 
 from __future__ import annotations
@@ -78,3 +80,14 @@ class BrokerUnavailable(BrokerError):
 
 class StoreError(TickguardError):
     """The state store is unusable (corrupt, newer schema, unwritable)."""
+
+
+class PositionExists(StoreError):
+    """The symbol already has an open or exiting position: the store works, the request conflicts."""
+
+    def __init__(self, symbol: str) -> None:
+        super().__init__(symbol)
+        self.symbol = symbol
+
+    def __str__(self) -> str:
+        return f"{self.symbol} already has an active position"

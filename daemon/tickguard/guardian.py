@@ -86,7 +86,8 @@ class Guardian:
         self.market_open = False
         self._fallback_log = Throttle()
         self._blind_log = Throttle()
-        self._saved_anchors: dict[int, float | None] = {}
+        self._saved_anchors: dict[int, float | None] = {}  # of guarded positions only
+        self.held_back: list[str] = []  # config positions not armed: the store was lost
         self._last_trail_save = 0.0
         # Set when guarding can no longer be trusted (the journal cannot be written):
         # the daemon then exits 1 and systemd restarts it from what the store holds.
@@ -94,16 +95,32 @@ class Guardian:
 
     # -- positions ------------------------------------------------------
 
-    def recover(self, config_positions: Iterable[PositionSpec]) -> None:
-        """Load positions from the store (resuming unfinished exits), then the config's new ones."""
+    def recover(self, config_positions: Iterable[PositionSpec], *, rearm: bool = False) -> None:
+        """Load positions from the store (resuming unfinished exits), then the config's new ones.
+
+        A config position is armed only if the store never held its symbol. When
+        the store was lost (`Store.lost`), "never held" cannot be trusted: one of
+        them may have exited already, and arming it again would sell it twice.
+        They are then held back unless the operator said `rearm`.
+        """
         now = self._mono()
         recovered = recover(self.guard, self.store, self.executor, now)
         for position in recovered:
             self._saved_anchors[position.id] = position.trail_anchor
             log.info("[GUARD] recovered %s", describe(position))
-        for spec in config_positions:
-            if self.store.latest_position(spec.symbol) is None:
-                self.add(spec, source="config")
+        new = [s for s in config_positions if self.store.latest_position(s.symbol) is None]
+        if new and self.store.lost is not None and not rearm:
+            self.held_back = [s.symbol for s in new]
+            log.critical(
+                "[GUARD] the state store was lost (%s): the config's positions %s are NOT armed,"
+                " since they may have exited already. Check the account, then register them"
+                " through the API, or start once with `tickguard run --rearm`.",
+                self.store.lost,
+                ", ".join(self.held_back),
+            )
+            new = []
+        for spec in new:
+            self.add(spec, source="config")
         self._gauges()
 
     def add(self, spec: PositionSpec, *, source: str) -> Position:
@@ -147,7 +164,18 @@ class Guardian:
             self._handle(self.guard.evaluate(symbol, now, wall, self.market_open))
 
     def sweep(self) -> None:
-        """Judge every position; refresh gauges; log lasting fallback conditions."""
+        """Judge every position; refresh gauges; log lasting fallback conditions.
+
+        First the store is checked: a database that vanished or was emptied
+        under us would silently lose every later journal write, so guarding
+        stops (exit 1, systemd restarts us) rather than go on without it.
+        """
+        try:
+            self.store.check()
+        except StoreError as exc:
+            log.critical("[GUARD] %s: stopping, so nothing is decided without a journal", exc)
+            self.fatal.set()
+            return
         now, wall = self._mono(), self._wall()
         self.market_open = self.market.is_open(datetime.now(UTC))
         self.metrics.market_open.set(1 if self.market_open else 0)
@@ -254,8 +282,8 @@ class Guardian:
         ]
         if changed:
             self.store.save_positions(changed, self._wall())
-            for p in changed:
-                self._saved_anchors[p.id] = p.trail_anchor
+        # Rebuilt, not updated: closed and removed positions drop out.
+        self._saved_anchors = {p.id: p.trail_anchor for p in self.guard.positions()}
 
     def save_all(self) -> None:
         """Persist every trailing anchor now (at shutdown)."""

@@ -11,8 +11,10 @@ database from version n to n+1. A database newer than this code is refused.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from tickguard.brokers.base import OrderReport, OrderStatus
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceSource
-from tickguard.errors import StoreError
+from tickguard.errors import PositionExists, StoreError
+from tickguard.files import read_small
 
 DB_NAME = "tickguard.sqlite3"
 
@@ -106,6 +109,11 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+# Bounds on what a client can make the store grow by (docs/limits.md): the audit
+# log and the rows of positions dropped through the API without an exit.
+# Exits, their events and fills are money history and are kept.
+KEEP_AUDIT = 50_000
+KEEP_DROPPED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +126,31 @@ class ExitRecord:
 
 
 class Store:
-    """The daemon's durable state in `<state_dir>/tickguard.sqlite3`."""
+    """The daemon's durable state in `<state_dir>/tickguard.sqlite3`.
+
+    Losing it must never look like a first start: config positions would be
+    armed again, and one that already exited would be sold a second time.
+    So the store's install id is also kept beside it (`tickguard.install-id`);
+    `lost` says why a store opened as new is in fact a lost one (its file
+    emptied, or its id changed), and the caller then holds the config's
+    positions back. While running, `check()` notices the file vanishing,
+    being replaced or emptied (the daemon then stops, and `salvage()` writes
+    the open database back where it was).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.lost: str | None = None
+        self._id_path = path.with_suffix(".install-id")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size == 0:
+                aside = path.with_name(f"{path.name}.empty-{int(time.time())}")
+                path.rename(aside)
+                self.lost = f"{path} was empty (0 bytes; set aside as {aside.name})"
+            previous_id = _read_install_id(self._id_path)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            self._identity = _identity(os.stat(path))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
         try:
@@ -139,6 +165,14 @@ class Store:
                 raise
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
         self.install_id = self._install_id()
+        if previous_id is not None and previous_id != self.install_id and self.lost is None:
+            self.lost = f"its install id is {self.install_id}, but {previous_id} was kept beside it"
+        try:
+            if previous_id != self.install_id:
+                _write_install_id(self._id_path, self.install_id)
+        except OSError as exc:
+            self._db.close()
+            raise StoreError(f"cannot open the state store {path}: {exc}") from exc
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> Store:
@@ -147,9 +181,43 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def check(self) -> None:
+        """StoreError if the database file vanished, was replaced or emptied under us."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(f"the state store {self.path} vanished while running") from None
+        except OSError as exc:
+            raise StoreError(f"the state store {self.path}: {exc}") from exc
+        if _identity(now) != self._identity:
+            raise StoreError(f"the state store {self.path} was replaced while running")
+        if now.st_size == 0:
+            raise StoreError(f"the state store {self.path} was emptied while running")
+
+    def salvage(self) -> bool:
+        """If the database file vanished, write the open database back there; True if done."""
+        if self.path.exists():
+            return False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            copy = sqlite3.connect(self.path)
+            try:
+                self._db.backup(copy)
+            finally:
+                copy.close()
+            _write_install_id(self._id_path, self.install_id)
+        except (OSError, sqlite3.Error):
+            return False
+        return True
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One durable transaction; any SQLite failure surfaces as StoreError."""
+        """One durable transaction; any SQLite failure surfaces as StoreError.
+
+        The file is checked first: a write into a vanished or emptied database
+        would be lost with it.
+        """
+        self.check()
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -191,7 +259,8 @@ class Store:
     # -- positions ------------------------------------------------------
 
     def add_position(self, spec: PositionSpec, wall: float) -> Position:
-        """Store a new open position; StoreError if the symbol already has an active one."""
+        """Store a new open position; PositionExists if the symbol already has an active one,
+        StoreError if the store cannot take it."""
         try:
             with self._tx() as db:
                 cursor = db.execute(
@@ -212,7 +281,7 @@ class Store:
                 )
         except StoreError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise StoreError(f"{spec.symbol} already has an active position") from exc
+                raise PositionExists(spec.symbol) from exc
             raise
         assert cursor.lastrowid is not None
         return Position(cursor.lastrowid, spec)
@@ -224,11 +293,22 @@ class Store:
                 _save_position(db, position, wall)
 
     def delete_position(self, position: Position, wall: float) -> None:
-        """Stop guarding without an order: the row is kept, marked closed."""
+        """Stop guarding without an order: the row is kept, marked closed.
+
+        Rows of positions dropped this way that never had an exit are pruned
+        beyond the newest KEEP_DROPPED (each symbol's newest row always stays:
+        it is what stops a config position from being armed again).
+        """
         with self._tx() as db:
             db.execute(
                 "UPDATE positions SET state = 'closed', updated_at = ? WHERE id = ?",
                 (wall, position.id),
+            )
+            db.execute(
+                "DELETE FROM positions WHERE state = 'closed' AND exit_seq = 0"
+                " AND id <= (SELECT MAX(id) FROM positions) - ?"
+                " AND id NOT IN (SELECT MAX(id) FROM positions GROUP BY symbol)",
+                (KEEP_DROPPED,),
             )
 
     def positions(self, *, active_only: bool = True) -> list[Position]:
@@ -339,11 +419,13 @@ class Store:
     # -- audit ----------------------------------------------------------
 
     def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
+        """Record a mutating call; the log keeps the newest KEEP_AUDIT entries."""
         with self._tx() as db:
-            db.execute(
+            cursor = db.execute(
                 "INSERT INTO audit (at, action, detail) VALUES (?, ?, ?)",
                 (wall, action, json.dumps(detail, sort_keys=True, default=str)),
             )
+            db.execute("DELETE FROM audit WHERE id <= ?", ((cursor.lastrowid or 0) - KEEP_AUDIT,))
 
     def audit_log(self, limit: int = 100) -> list[dict[str, object]]:
         rows = self._rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
@@ -419,6 +501,32 @@ class Store:
         cursor = self._db.execute(sql, args)
         cursor.row_factory = sqlite3.Row
         return list(cursor.fetchall())
+
+
+INSTALL_ID_MAX = 64  # bytes read from the install-id file (it holds 6 hex digits)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _read_install_id(path: Path) -> str | None:
+    """The install id kept beside the database, or None (no file, or not a small regular file)."""
+    try:
+        text = read_small(path, INSTALL_ID_MAX).decode("ascii", "replace").strip()
+    except OSError:  # missing, unreadable, or not a small regular file
+        return None
+    return text or None
+
+
+def _write_install_id(path: Path, install_id: str) -> None:
+    """Atomically and durably: a crash leaves the old file or the new one."""
+    tmp = path.with_suffix(".install-id.tmp")
+    with tmp.open("w", encoding="ascii") as f:
+        f.write(install_id + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
 
 
 def _statements(script: str) -> list[str]:

@@ -220,3 +220,31 @@ def test_simulate_listen_is_parsed() -> None:
     args = cli.build_parser().parse_args(["simulate", "--listen", "[::1]:9000"])
     assert args.listen == ("::1", 9000)
     assert args.symbols is None
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "fifo", "dev-zero", "huge", "directory"])
+def test_check_config_refuses_a_token_file_run_would_refuse(tmp_path: Path, kind: str) -> None:
+    """A missing, empty, FIFO, endless, oversized or directory token file: exit 2, never a hang."""
+    token = tmp_path / "token"
+    if kind == "empty":
+        token.write_text(" \n")
+    elif kind == "fifo":
+        os.mkfifo(token)
+    elif kind == "dev-zero":
+        token = Path("/dev/zero")
+    elif kind == "huge":
+        token.write_bytes(b"x" * 100_000)
+    elif kind == "directory":
+        token.mkdir()
+    result = check(tmp_path, f'[http]\ntoken_file = "{token}"\n[feed]\n{URL}\n')
+    assert result.returncode == 2, result
+    assert result.stdout.startswith(f"http.token_file: '{token}' is invalid; expected "), result
+    assert len(result.stdout.splitlines()) == 1 and result.stderr == ""
+
+
+def test_check_config_accepts_a_readable_token_file(tmp_path: Path) -> None:
+    """A regular file holding a token passes."""
+    token = tmp_path / "token"
+    token.write_text("  secret\n")
+    result = check(tmp_path, f'[http]\ntoken_file = "{token}"\n[feed]\n{URL}\n')
+    assert (result.returncode, result.stdout) == (0, "ok\n")

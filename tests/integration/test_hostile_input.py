@@ -19,14 +19,13 @@ from tickguard.core.prices import PriceSource
 from tickguard.replies import MAX_REPLY_BYTES
 
 if TYPE_CHECKING:
-    from websockets.asyncio.server import ServerConnection
-
     from tests.integration.conftest import (
         Eventually,
         FeedFactory,
         FeedServer,
         FeedServerFactory,
     )
+    from websockets.asyncio.server import ServerConnection
 
 HUGE = "9" * 400
 TEST_TIMEOUT = 30.0
@@ -48,9 +47,9 @@ async def test_oversized_numbers_on_the_feed_are_counted_and_the_socket_stays(
 
     async def hostile(server: FeedServer, ws: ServerConnection, index: int, symbols: list[str]) -> None:
         while True:
-            await ws.send('{"type": "tick", "symbol": "BOSCHLTD", "price": %s}' % HUGE)
-            await ws.send('{"type": "tick", "symbol": "BOSCHLTD", "price": 1.0, "ts": %s}' % HUGE)
-            await ws.send('{"type": "tick", "symbol": "BOSCHLTD", "price": -%s}' % HUGE)
+            await ws.send(f'{{"type": "tick", "symbol": "BOSCHLTD", "price": {HUGE}}}')
+            await ws.send(f'{{"type": "tick", "symbol": "BOSCHLTD", "price": 1.0, "ts": {HUGE}}}')
+            await ws.send(f'{{"type": "tick", "symbol": "BOSCHLTD", "price": -{HUGE}}}')
             await ws.send('{"type": "tick", "symbol": "BOSCHLTD", "price": 1e308}')
             await ws.send('{"type": "tick", "symbol": "BOSCHLTD", "price": %s}' % ("9" * 5000))
             await ws.send('{"type": "ticks", "ticks": [{"symbol": "ADANIENT", "price": 575.0}]}')
@@ -107,8 +106,8 @@ async def test_oversized_numbers_in_the_poll_are_counted_and_the_poll_goes_on(
         nonlocal answers
         answers += 1
         body = (
-            '{"prices": {"BOSCHLTD": {"price": %s}, "ADANIENT": {"price": 575.0, "ts": %s},'
-            ' "INFY": {"price": 1500.5, "ts": 1767765256123}}}' % (HUGE, HUGE)
+            f'{{"prices": {{"BOSCHLTD": {{"price": {HUGE}}}, "ADANIENT": {{"price": 575.0, "ts": {HUGE}}},'
+            ' "INFY": {"price": 1500.5, "ts": 1767765256123}}}'
         )
         return web.Response(text=body, content_type="application/json")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tickguard import app
+from tickguard import app, http_server
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "tickguard.service"
@@ -89,3 +89,34 @@ def test_security_exposure_is_at_most_1_5() -> None:
     match = re.search(r"Overall exposure level for tickguard\.service: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match[1]) <= MAX_EXPOSURE, result.stdout
+
+
+def test_descriptor_and_journal_limits() -> None:
+    """LimitNOFILE leaves the daemon room beyond the API's cap; the journal's rate limit is explicit."""
+    s = settings()
+    nofile = int(s["LimitNOFILE"][0])
+    assert nofile >= 65536
+    limits = http_server.HttpLimits()
+    # The API takes at most half; the other half is the feed's, the poll's, the broker's.
+    assert limits.connections(nofile) + limits.backlog <= nofile // 2
+    assert seconds(s["LogRateLimitIntervalSec"][0]) == 30
+    assert int(s["LogRateLimitBurst"][0]) >= 10000
+
+
+def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
+    """`systemd-analyze verify` (systemd 252 here) knows every directive of the unit."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd)")
+    # The package's binary is not installed here: point the Exec lines at one that is.
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/tickguard/bin/tickguard", "/bin/true"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Unknown" not in result.stderr, result.stderr
