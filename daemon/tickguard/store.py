@@ -10,6 +10,7 @@ database from version n to n+1. A database newer than this code is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -222,10 +223,14 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed statement or COMMIT (a full disk) may have rolled back
+                # already, or left the transaction open: never leave it open.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"state store {self.path}: {exc}") from exc
 

@@ -301,3 +301,18 @@ async def test_a_lost_store_holds_config_positions_back_until_rearm(
     finally:
         rearmed.kill()
         await rearmed.wait()
+
+
+def test_a_full_store_fails_one_write_and_recovers(tmp_path: Path) -> None:
+    """A write refused as full says so, leaves no transaction open, and the next write works."""
+    store = Store.in_dir(tmp_path)
+    (pages,) = store._db.execute("PRAGMA page_count").fetchone()
+    store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as on a full disk
+    with pytest.raises(StoreError, match="full"):
+        for i in range(1000):
+            store.audit("fill", {"padding": "x" * 1000, "i": i}, float(i))
+    assert not store._db.in_transaction
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store.add_position(SPEC, 1.0)
+    assert [p.symbol for p in store.positions()] == ["A"]
+    store.close()
