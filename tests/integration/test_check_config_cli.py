@@ -248,3 +248,15 @@ def test_check_config_accepts_a_readable_token_file(tmp_path: Path) -> None:
     token.write_text("  secret\n")
     result = check(tmp_path, f'[http]\ntoken_file = "{token}"\n[feed]\n{URL}\n')
     assert (result.returncode, result.stdout) == (0, "ok\n")
+
+
+def test_every_problem_of_one_position_entry_is_named(tmp_path: Path) -> None:
+    """Inside one [[positions]] entry, a bad side and a negative quantity are both reported."""
+    toml = (
+        f"[feed]\n{URL}\n[[positions]]\nsymbol = 'A'\nside = 'sideways'\nquantity = -1\n"
+        "entry_price = 100.0\n"
+    )
+    result = check(tmp_path, toml)
+    assert result.returncode == 2
+    keys = [line.split(":", 1)[0] for line in result.stdout.splitlines()]
+    assert keys == ["positions[0].side", "positions[0].quantity"]

@@ -55,24 +55,27 @@ class PositionSpec:
 
     def problems(self) -> list[FieldProblem]:
         """Every rule this spec breaks (empty when valid)."""
-        found: list[FieldProblem] = []
-        if not valid_symbol(self.symbol):
-            found.append(FieldProblem("symbol", self.symbol, SYMBOL_EXPECTED))
-        for name in ("quantity", "entry_price", "stop_loss", "take_profit", "trailing_stop"):
-            value = getattr(self, name)
-            if value is not None and not _positive(value):
-                found.append(FieldProblem(name, value, f"a number > 0 and below {MAX_AMOUNT:g}"))
-        sl, tp = self.stop_loss, self.take_profit
-        if sl is not None and tp is not None and _positive(sl) and _positive(tp):
-            if self.side is Side.LONG and not sl < tp:
-                found.append(
-                    FieldProblem("stop_loss", sl, f"below take_profit ({tp:g}) for a long")
-                )
-            if self.side is Side.SHORT and not sl > tp:
-                found.append(
-                    FieldProblem("stop_loss", sl, f"above take_profit ({tp:g}) for a short")
-                )
-        return found
+        return _rule_problems({name: getattr(self, name) for name in POSITION_FIELDS})
+
+
+def _rule_problems(values: Mapping[str, object]) -> list[FieldProblem]:
+    """Every rule broken by the fields present in `values` (already of the right types)."""
+    found: list[FieldProblem] = []
+    symbol = values.get("symbol")
+    if isinstance(symbol, str) and not valid_symbol(symbol):
+        found.append(FieldProblem("symbol", symbol, SYMBOL_EXPECTED))
+    for name in ("quantity", "entry_price", "stop_loss", "take_profit", "trailing_stop"):
+        value = values.get(name)
+        if value is not None and amount(value) is None:
+            found.append(FieldProblem(name, value, f"a number > 0 and below {MAX_AMOUNT:g}"))
+    sl, tp = amount(values.get("stop_loss")), amount(values.get("take_profit"))
+    side = values.get("side")
+    if sl is not None and tp is not None:
+        if side in (Side.LONG, "long") and not sl < tp:
+            found.append(FieldProblem("stop_loss", sl, f"below take_profit ({tp:g}) for a long"))
+        if side in (Side.SHORT, "short") and not sl > tp:
+            found.append(FieldProblem("stop_loss", sl, f"above take_profit ({tp:g}) for a short"))
+    return found
 
 
 MAX_SYMBOL_LENGTH = 64
@@ -89,10 +92,6 @@ def valid_symbol(symbol: str) -> bool:
         and symbol == symbol.strip()
         and not any(0xD800 <= ord(c) <= 0xDFFF for c in symbol)
     )
-
-
-def _positive(value: float) -> bool:
-    return amount(value) is not None
 
 
 class _Missing:
@@ -153,6 +152,8 @@ def parse_spec(data: Mapping[str, object]) -> tuple[PositionSpec | None, list[Fi
             values[name] = typed
         else:
             problems.append(FieldProblem(name, value, _EXPECTED[name]))
+    # Rules on every field that has the right type, so a person sees every problem at once.
+    problems.extend(_rule_problems(values))
     if problems:
         return None, problems
     spec = PositionSpec(
@@ -160,8 +161,7 @@ def parse_spec(data: Mapping[str, object]) -> tuple[PositionSpec | None, list[Fi
         side=Side(values.pop("side")),
         **values,  # type: ignore[arg-type]
     )
-    problems = spec.problems()
-    return (None, problems) if problems else (spec, [])
+    return spec, []
 
 
 @dataclass(frozen=True, slots=True)

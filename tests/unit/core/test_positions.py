@@ -173,3 +173,18 @@ def test_symbols_and_amounts_have_sane_bounds() -> None:
         assert not valid_symbol(bad.encode().decode("unicode_escape")), bad
     (problem,) = PositionSpec("A", Side.LONG, 1e13, 100).problems()
     assert problem.field == "quantity" and "below" in problem.expected
+
+
+def test_parse_spec_names_every_problem_of_an_entry() -> None:
+    """A bad side and a negative quantity in one entry are both named, not just the first."""
+    spec, problems = parse_spec(
+        {"symbol": "A", "side": "sideways", "quantity": -1, "entry_price": 100.0}
+    )
+    assert spec is None
+    assert [p.field for p in problems] == ["side", "quantity"]
+    spec, problems = parse_spec(
+        {"symbol": " A", "side": "long", "quantity": "ten", "entry_price": 100.0,
+         "stop_loss": 120.0, "take_profit": 110.0}
+    )  # fmt: skip
+    assert spec is None
+    assert [p.field for p in problems] == ["quantity", "symbol", "stop_loss"]
