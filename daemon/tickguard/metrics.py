@@ -10,11 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tickguard import __version__
+
+# No `<name>_created` series: they doubled the exposition (one per counter and
+# histogram child) and nothing reads them; restarts show in process_start_time.
+# Process-wide, and it must come before any metric is made: so at import here.
+disable_created_metrics()
 
 NETWORK_ERROR_KINDS = (
     "dns",

@@ -78,6 +78,15 @@ async def test_metrics_output_passes_promtool_check_metrics(daemon: app.Daemon) 
     assert check.returncode == 0 and not out.strip(), out
 
 
+async def test_exposition_has_no_created_series(daemon: app.Daemon) -> None:
+    """No `_created` series: each counter and histogram child exports only its own samples."""
+    daemon.metrics.exits.labels("stop_loss", "live").inc()
+    daemon.metrics.order_seconds.observe(0.05)
+    daemon.metrics.network_errors.labels("dns").inc()
+    text = generate_latest(daemon.metrics.registry).decode()
+    assert "_created" not in text, [line for line in text.splitlines() if "_created" in line]
+
+
 async def test_poll_waits_out_retry_after_on_429() -> None:
     """A 429 with Retry-After parks the poll for that long before it asks again."""
     loop = asyncio.get_running_loop()
