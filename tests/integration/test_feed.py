@@ -143,6 +143,30 @@ async def test_zombie_connection_is_detected_by_silence(
         assert detected <= silence + SLACK
 
 
+async def test_a_zombies_prices_age_from_its_last_data_frame_not_its_pongs(
+    simulator: SimulatorFactory, feed: FeedFactory, eventually: Eventually
+) -> None:
+    """On a socket that answers pings but carries no data, ages run from the last data frame."""
+    silence = 1.2
+    async with asyncio.timeout(TEST_TIMEOUT):
+        sim = await simulator()
+        f = await feed(
+            sim.ws_url, config={"feed": {"silence_timeout": silence, "ping_interval": 0.05}}
+        )
+        await eventually(lambda: f.symbols_since(0, LIVE) >= SUBSCRIBED, what="live ticks")
+        await sim.faults("silence")  # the simulator keeps answering our pings
+        await eventually(lambda: f.failures, 5.0, what="the silence noticed")
+        failure = f.failures[0]
+        assert failure.kind == "silence" and failure.last_frame_at is not None
+        now = time.monotonic()
+        for symbol in SUBSCRIBED:
+            quote = f.book.quote(symbol, now)
+            # Pongs arrived every 50 ms until the end: an age from them would be ~0.05 s.
+            assert quote.source is PriceSource.CACHE
+            assert quote.age >= now - failure.last_frame_at - 0.001, (symbol, quote.age)
+            assert quote.age >= silence
+
+
 async def test_black_hole_is_detected_by_ping_timeout(
     simulator: SimulatorFactory,
     tcp_proxy: TcpProxyFactory,

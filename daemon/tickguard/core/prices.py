@@ -10,7 +10,8 @@ Age of a price:
 - live, current session, socket healthy: 0. With ltp-on-change feeds a quiet
   symbol on a healthy socket has not moved.
 - live, its session ended: since the last moment that session was known
-  healthy (last frame or pong), or the receipt time if later.
+  healthy (its last data frame: a tick or a heartbeat; a pong proves the
+  network path, not the data), or the receipt time if later.
 - poll or older: since receipt.
 - no price: since the symbol was guarded (`since`, passed by the caller).
 """
@@ -98,7 +99,7 @@ class PriceBook:
         channel.last_alive = max(channel.last_alive, now)
 
     def channel_alive(self, source: PriceSource, now: float) -> None:
-        """`source` proved itself alive at `now` (a frame or pong; a successful poll)."""
+        """`source` proved its data current at `now` (a data frame; a successful poll)."""
         channel = self._channels[source]
         if channel.healthy:
             channel.last_alive = max(channel.last_alive, now)

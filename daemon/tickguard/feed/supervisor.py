@@ -401,7 +401,8 @@ class FeedSupervisor:
                 return
             except ConnectionClosed:
                 return
-            self.book.channel_alive(PriceSource.LIVE, self._mono())
+            # A pong proves the network path, not the data: it never refreshes a
+            # price's age (SPEC 4a). Only data frames do (_receive).
 
     def _set_fallback(self, active: bool, why: str, *, quiet: bool = False) -> None:
         if active == self.fallback_active:
