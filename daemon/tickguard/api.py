@@ -238,6 +238,7 @@ def health(d: Daemon) -> dict[str, Any]:
             "unusable_symbols": unusable,
             "blind_symbols": sorted(s for s in d.guard.symbols() if d.guard.is_blind(s)),
             "held_back": held_back,
+            "held_until_open": d.guard.held_for_open(),  # crossed while the market is closed
         },
         "exits": {
             "in_flight": len(d.guard.exits_in_flight()),

@@ -333,7 +333,11 @@ def status_line(d: Daemon) -> str:
     positions = d.guard.positions()
     now = d.monotonic()
     stale = sum(1 for p in positions if d.guard.quote(p.symbol, now).freshness.value != "fresh")
-    return f"{feed}; {len(positions)} positions guarded, {stale} stale"
+    line = f"{feed}; {len(positions)} positions guarded, {stale} stale"
+    if not d.guardian.market_open:
+        held = len(d.guard.held_for_open())
+        line += "; market closed" + (f", {held} held until the open" if held else "")
+    return line
 
 
 async def _status_loop(d: Daemon) -> None:

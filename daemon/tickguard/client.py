@@ -119,6 +119,9 @@ def render_health(h: dict[str, Any]) -> str:
         lines.append(
             f"  market    {'open' if market.get('open') else 'closed'} ({market.get('timezone')})"
         )
+    if pos.get("held_until_open"):
+        held = ", ".join(pos["held_until_open"])
+        lines.append(f"            crossed, held until the open (no order while closed): {held}")
     lines.append(
         f"  positions {pos.get('open', 0)} open, {pos.get('exiting', 0)} exiting;"
         f" stale: {', '.join(pos.get('stale_symbols', [])) or 'none'}"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from tickguard.core.exits import Exit, ExitState
-from tickguard.core.guard import BlindChanged, Event, ExitDecided, Guard
+from tickguard.core.guard import BlindChanged, Event, ExitDecided, Guard, HeldForOpen
 from tickguard.core.market import MarketCalendar
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState
 from tickguard.core.prices import Freshness, PriceSource, Quote
@@ -83,7 +84,9 @@ class Guardian:
         self._wall = wall
         self.sweeps = 0  # progress counter: the watchdog pings only when it moves
         self.last_sweep_at: float | None = None
-        self.market_open = False
+        self.market_open = False  # as of the last price or sweep (see _market_at)
+        self._market_checked = math.inf  # wall time market_open was computed at...
+        self._market_until = -math.inf  # ...and the next open or close after it
         self._fallback_log = Throttle()
         self._blind_log = Throttle()
         self._saved_anchors: dict[int, float | None] = {}  # of guarded positions only
@@ -160,8 +163,20 @@ class Guardian:
 
     def evaluate(self, symbols: Iterable[str]) -> None:
         now, wall = self._mono(), self._wall()
+        market_open = self._market_at(wall)
         for symbol in symbols:
-            self._handle(self.guard.evaluate(symbol, now, wall, self.market_open))
+            self._handle(self.guard.evaluate(symbol, now, wall, market_open))
+
+    def _market_at(self, wall: float) -> bool:
+        """Whether the market is open at `wall`: exact on every tick, not only at the sweep
+        (a tick at 15:30:00 must not send an order), and O(1) between open/close changes."""
+        if not self._market_checked <= wall < self._market_until:
+            at = datetime.fromtimestamp(wall, UTC)
+            self.market_open = self.market.is_open(at)
+            change = self.market.next_change(at)
+            self._market_checked = wall
+            self._market_until = change.timestamp() if change is not None else math.inf
+        return self.market_open
 
     def sweep(self) -> None:
         """Judge every position; refresh gauges; log lasting fallback conditions.
@@ -177,9 +192,9 @@ class Guardian:
             self.fatal.set()
             return
         now, wall = self._mono(), self._wall()
-        self.market_open = self.market.is_open(datetime.now(UTC))
-        self.metrics.market_open.set(1 if self.market_open else 0)
-        self._handle(self.guard.sweep(now, wall, self.market_open))
+        market_open = self._market_at(wall)
+        self.metrics.market_open.set(1 if market_open else 0)
+        self._handle(self.guard.sweep(now, wall, market_open))
         for symbol in self.guard.symbols():
             self._log_fallback(self.guard.quote(symbol, now), now)
         self._save_anchors(now)
@@ -199,6 +214,14 @@ class Guardian:
                 self._decided(event)
             elif isinstance(event, BlindChanged):
                 self._blind(event)
+            elif isinstance(event, HeldForOpen):
+                log.warning(
+                    "[%s] %s: %s%s; market closed: held until the open",
+                    event.trigger.log_tag,
+                    event.position.symbol,
+                    event.trigger.describe(event.position.side),
+                    _fallback_note(event.quote),
+                )
 
     def _decided(self, event: ExitDecided) -> None:
         exit, quote = event.exit, event.quote

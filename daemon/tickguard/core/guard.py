@@ -53,7 +53,18 @@ class BlindChanged:
     quote: Quote
 
 
-Event = ExitDecided | BlindChanged
+@dataclass(frozen=True, slots=True)
+class HeldForOpen:
+    """A rule was crossed while the market is closed: no order (SPEC 4a). Said once per
+    position per closed spell; the position stays armed and is judged again on the
+    first usable price received after the open."""
+
+    position: Position
+    trigger: Trigger
+    quote: Quote
+
+
+Event = ExitDecided | BlindChanged | HeldForOpen
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +92,7 @@ class _Guarded:
     hold_until: float = 0.0  # no automatic exit before this (after a refusal)
     unusable_since: float | None = None  # market-open moment it was first seen unusable
     blind: bool = False
+    held: bool = False  # a crossing was held for the open in this closed spell (said once)
 
 
 class Guard:
@@ -101,6 +113,10 @@ class Guard:
         self._guarded: dict[str, _Guarded] = {}
         self._exits: dict[str, Exit] = {}  # in flight, by client order id
         self._market_open_since: float | None = None
+        # When the market was seen to open after being seen closed: prices received
+        # before it are the closed market's and never fire a rule after the open.
+        self._seen_closed = False
+        self._opened_at: float | None = None
 
     # -- positions ------------------------------------------------------
 
@@ -145,6 +161,10 @@ class Guard:
         guarded = self._guarded.get(symbol)
         return guarded is not None and guarded.blind
 
+    def held_for_open(self) -> list[str]:
+        """Symbols whose crossed rule waits for the market to open (sorted)."""
+        return sorted(s for s, g in self._guarded.items() if g.held)
+
     # -- evaluation -----------------------------------------------------
 
     def evaluate(self, symbol: str, now: float, wall: float, market_open: bool) -> list[Event]:
@@ -165,9 +185,14 @@ class Guard:
 
     def _note_market(self, now: float, market_open: bool) -> None:
         if not market_open:
+            self._seen_closed = True
             self._market_open_since = None
         elif self._market_open_since is None:
             self._market_open_since = now
+            if self._seen_closed:
+                self._opened_at = now
+            for guarded in self._guarded.values():
+                guarded.held = False
 
     def _evaluate(
         self, guarded: _Guarded, now: float, wall: float, market_open: bool
@@ -186,8 +211,16 @@ class Guard:
             return events
         position = guarded.position = position.ratchet(quote.price.value)
         trigger = check_triggers(position, quote.price.value)
-        if trigger is not None:
-            events.append(self._decide(guarded, trigger.reason, quote.source, trigger, quote, wall))
+        if trigger is None:
+            return events
+        if not market_open:  # the broker would refuse it, or fill it at the open at any price
+            if not guarded.held:
+                guarded.held = True
+                events.append(HeldForOpen(position, trigger, quote))
+            return events
+        if self._opened_at is not None and now - quote.age < self._opened_at:
+            return events  # a price from before the open: wait for one received after it
+        events.append(self._decide(guarded, trigger.reason, quote.source, trigger, quote, wall))
         return events
 
     def _track_blind(
@@ -307,5 +340,6 @@ __all__ = [
     "ExitDecided",
     "ExitState",
     "Guard",
+    "HeldForOpen",
     "PositionExists",
 ]

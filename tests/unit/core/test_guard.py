@@ -13,6 +13,7 @@ from tickguard.core.guard import (
     BlindPolicy,
     ExitDecided,
     Guard,
+    HeldForOpen,
     PositionExists,
 )
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
@@ -375,3 +376,72 @@ def test_quote_source_follows_channel_health() -> None:
     assert not g.book.channel_healthy(LIVE)
     q = g.quote("A", 50.0)
     assert (q.source, q.age) == (CACHE, 49.0) and q.usable
+
+
+def held(events: list) -> list[HeldForOpen]:
+    return [e for e in events if isinstance(e, HeldForOpen)]
+
+
+def test_market_closed_holds_a_crossing_and_says_so_once() -> None:
+    """Closed market: a crossed stop sends nothing, is said once, and the position stays armed."""
+    g = make()
+    g.book.channel_up(POLL, 0.0)
+    g.add(long(stop_loss=95), 0.0)
+    g.sweep(0.0, 0.0, market_open=False)
+    g.book.update("A", 94, None, POLL, 1.0)
+    (h,) = held(g.evaluate("A", 1.0, 0.0, market_open=False))
+    assert h.trigger.reason is ExitReason.STOP_LOSS and h.position.symbol == "A"
+    for t in (2.0, 3.0):
+        g.book.update("A", 93, None, POLL, t)
+        assert g.evaluate("A", t, 0.0, market_open=False) == []
+        assert g.sweep(t, 0.0, market_open=False) == []
+    position = g.position("A")
+    assert position is not None and position.state is PositionState.OPEN
+    assert g.exits_in_flight() == []
+
+
+def test_at_the_open_only_a_price_received_after_it_fires() -> None:
+    """After the open the closed market's price fires nothing; the first price received after it does."""
+    g = make()
+    g.book.channel_up(POLL, 0.0)
+    g.add(long(stop_loss=95), 0.0)
+    g.book.update("A", 94, None, POLL, 1.0)
+    assert held(g.sweep(1.0, 0.0, market_open=False))
+    assert decided(g.sweep(10.0, 0.0, market_open=True)) == []  # 94 is from before the open
+    assert decided(g.sweep(11.0, 0.0, market_open=True)) == []
+    g.book.update("A", 94.5, None, POLL, 12.0)
+    (d,) = decided(g.evaluate("A", 12.0, 0.0, market_open=True))
+    assert d.exit.trigger_price == 94.5 and d.exit.price_source is POLL
+
+
+def test_a_live_socket_price_is_current_at_the_open() -> None:
+    """On a healthy socket a quiet symbol's price is current (age 0): it fires at the open."""
+    g = make()
+    g.book.channel_up(LIVE, 0.0)
+    g.add(long(stop_loss=95), 0.0)
+    g.book.update("A", 94, None, LIVE, 1.0)
+    assert held(g.sweep(1.0, 0.0, market_open=False))
+    (d,) = decided(g.sweep(10.0, 0.0, market_open=True))
+    assert d.exit.price_source is LIVE
+
+
+def test_each_closed_spell_says_held_again() -> None:
+    """The hold is said once per closed spell: again after an open and a close."""
+    g = make()
+    g.book.channel_up(POLL, 0.0)
+    g.add(long(take_profit=110), 0.0)
+    g.book.update("A", 111, None, POLL, 1.0)
+    assert len(held(g.sweep(1.0, 0.0, market_open=False))) == 1
+    assert held(g.sweep(2.0, 0.0, market_open=False)) == []
+    assert decided(g.sweep(3.0, 0.0, market_open=True)) == []  # pre-open price
+    g.book.update("A", 111, None, POLL, 4.0)
+    assert len(held(g.sweep(4.0, 0.0, market_open=False))) == 1
+
+
+def test_emergency_close_is_sent_while_the_market_is_closed() -> None:
+    """A manual close decides an exit at any hour."""
+    g = make()
+    g.add(long(stop_loss=95), 0.0)
+    g.sweep(0.0, 0.0, market_open=False)
+    request = g.close("A", ExitReason.EMERGENCY, 1.0, 0.0)
+    assert request.created and request.event is not None
