@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import re
@@ -657,10 +658,22 @@ async def execute(plan: RunPlan, sim: Simulator, run_dir: Path) -> RunResult:
             window = now_in_window
         await final_run(plan, plan.latency, sim, run_dir, result.findings)
         result.findings.add(check_store(run_dir / "state", plan.positions))
+        result.findings.problems.extend(repeated_closed_lines(run_dir / "daemon.log"))
     except Exception as exc:  # a harness failure is a finding too, with the run's seed
         result.findings.problems.append(f"run aborted: {type(exc).__name__}: {exc}")
     result.seconds = time.monotonic() - started
     return result
+
+
+CLOSED_LINE = re.compile(r"\[EXIT\] (\S+) closed at ")
+
+
+def repeated_closed_lines(log: Path) -> list[str]:
+    """Symbols with more than one `[EXIT] ... closed at` line over all of a run's processes
+    (SPEC 6: one per completed exit; each position here exits once)."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    counts = collections.Counter(CLOSED_LINE.findall(text))
+    return [f"{symbol}: {n} `closed at` lines" for symbol, n in sorted(counts.items()) if n > 1]
 
 
 def describe(result: RunResult) -> str:

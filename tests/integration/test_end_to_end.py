@@ -271,3 +271,6 @@ always_open = true
     )
     assert await d.stop() == 0
     assert any("STOPPING" in line or "shutting down" in line for line in d.lines)
+    # SPEC 6: exactly one `closed at` line per completed exit.
+    closed = sorted(line.split()[3] for line in d.lines if " closed at " in line and "[EXIT]" in line)
+    assert closed == ["BOSCHLTD", "TCS"], [line for line in d.lines if "[EXIT]" in line]
