@@ -112,8 +112,7 @@ def render_health(h: dict[str, Any]) -> str:
     if ws.get("last_error"):
         lines.append(f"            last error: {ws['last_error']}")
     if fb:
-        poll = "polling" if fb.get("polling") else "idle"
-        lines.append(f"  fallback  {'ACTIVE' if fb.get('active') else 'off'} (poll {poll})")
+        lines.append(f"  fallback  {_fallback_text(fb)}")
     market = h.get("market", {})
     if market:
         lines.append(
@@ -138,6 +137,18 @@ def render_health(h: dict[str, Any]) -> str:
         flag = " STALE" if e["is_stale"] else ""
         lines.append(f"    {symbol:<12} {price:>12}  {e.get('source', ''):<5} {age_text}{flag}")
     return "\n".join(lines)
+
+
+def _fallback_text(fb: dict[str, Any]) -> str:
+    if not fb.get("active"):
+        return "off"
+    if not fb.get("configured"):
+        return "ACTIVE: prices from the cache (no REST poll configured)"
+    if fb.get("last_error"):
+        return f"ACTIVE: prices from the cache (the REST poll fails: {fb['last_error']})"
+    if fb.get("polling"):
+        return "ACTIVE: prices from the REST poll"
+    return "ACTIVE: prices from the cache (the REST poll is idle)"
 
 
 def close(url: str, symbol: str, reason: str, token: str | None) -> int:

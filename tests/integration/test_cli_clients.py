@@ -252,7 +252,8 @@ async def test_status_degraded_while_the_feed_is_down(start: Start) -> None:
     code, out = await tickguard("status", "--url", d.url)
     assert code == 1
     assert "DEGRADED" in out
-    assert "fallback  ACTIVE" in out
+    assert "fallback  ACTIVE: prices from the cache (no REST poll configured)" in out
+    assert "(poll" not in out  # not "fallback ACTIVE (poll polling)"
     assert "last error: connect" in out
 
 

@@ -428,6 +428,35 @@ async def test_malformed_frames_are_counted_and_dropped_and_an_oversized_one_rec
         f.assert_running()
 
 
+async def test_the_first_connect_is_not_logged_as_a_fallback(
+    simulator: SimulatorFactory,
+    feed: FeedFactory,
+    eventually: Eventually,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before any outage the log says connecting, never [FALLBACK]; a real drop says [FALLBACK]."""
+    caplog.set_level(logging.INFO, "tickguard")
+    async with asyncio.timeout(TEST_TIMEOUT):
+        sim = await simulator()
+        f = await feed(
+            sim.ws_url, config={"feed": {"fallback_url": sim.prices_url}}, poll=True
+        )
+        poller = f.poller
+        assert poller is not None
+        await eventually(
+            lambda: f.symbols_since(0, LIVE) >= SUBSCRIBED and not poller.polling,
+            what="live prices, the start-up poll stopped",
+        )
+        start = [r.getMessage() for r in caplog.records]
+        assert not [m for m in start if "[FALLBACK]" in m], start
+        assert any("[FEED] live prices arriving" in m for m in start), start
+
+        await sim.faults("drop")
+        await eventually(lambda: poller.polling, what="the poll after the drop")
+        later = [r.getMessage() for r in caplog.records][len(start):]
+        assert any(m.startswith("[FALLBACK]") for m in later), later
+
+
 async def test_poll_runs_while_the_socket_is_down_and_stops_when_live_data_is_back(
     simulator: SimulatorFactory, feed: FeedFactory, eventually: Eventually
 ) -> None:

@@ -60,6 +60,7 @@ class FallbackPoller:
         self._on_prices = on_prices
         self._mono = monotonic
         self.polling = False
+        self._outage = False  # this poll stands in for a lost socket (not the start-up's)
         self.last_success: float | None = None
         self.last_error = ""
         self._last_failure_log = -FAILURE_LOG_EVERY
@@ -74,7 +75,15 @@ class FallbackPoller:
                 continue
             if not self.polling:
                 self.polling = True
-                log.info("[FALLBACK] polling %s every %gs", self._host, self.interval)
+                if self._supervisor.starting:  # no live price yet: connecting, not an outage
+                    log.info(
+                        "[FEED] connecting; polling %s every %gs until live prices arrive",
+                        self._host,
+                        self.interval,
+                    )
+                else:
+                    log.info("[FALLBACK] polling %s every %gs", self._host, self.interval)
+                self._outage = not self._supervisor.starting
             started = self._mono()
             delay = self.interval
             try:
@@ -92,7 +101,10 @@ class FallbackPoller:
         if self.polling:
             self.polling = False
             self._book.channel_down(PriceSource.POLL)
-            log.info("[FALLBACK] live data is back: polling stopped")
+            if self._outage:
+                log.info("[FALLBACK] live data is back: polling stopped")
+            else:
+                log.info("[FEED] live prices arriving: polling stopped")
 
     async def _poll_once(self) -> None:
         symbols = sorted(self._symbols())

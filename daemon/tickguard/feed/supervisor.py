@@ -169,6 +169,9 @@ class FeedSupervisor:
         # The poll runs from the moment the socket is down or silent until a
         # live price arrives again; at start no live price has arrived yet.
         self.fallback_active = True
+        # No live price yet since start: the first connect is not an outage, and is
+        # not logged as a fallback (its poll, if any, is the start-up's, not a rescue).
+        self.starting = True
         self.fallback_changed = asyncio.Event()
         self._ws: FeedConnection | None = None
         self._recheck_dns = False
@@ -410,6 +413,10 @@ class FeedSupervisor:
         self.fallback_active = active
         self.metrics.fallback_active.set(1 if active else 0)
         self.fallback_changed.set()
+        if self.starting:  # the first live prices since start: not the end of an outage
+            self.starting = False
+            log.info("[FEED] live prices arriving")
+            return
         if quiet:
             return
         if active:
