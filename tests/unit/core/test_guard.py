@@ -397,7 +397,7 @@ def test_market_closed_holds_a_crossing_and_says_so_once() -> None:
         assert g.sweep(t, 0.0, market_open=False) == []
     position = g.position("A")
     assert position is not None and position.state is PositionState.OPEN
-    assert g.exits_in_flight() == []
+    assert g.exits_in_flight() == [] and g.held_for_open() == ["A"]
 
 
 def test_at_the_open_only_a_price_received_after_it_fires() -> None:
@@ -445,3 +445,14 @@ def test_emergency_close_is_sent_while_the_market_is_closed() -> None:
     g.sweep(0.0, 0.0, market_open=False)
     request = g.close("A", ExitReason.EMERGENCY, 1.0, 0.0)
     assert request.created and request.event is not None
+
+
+def test_a_resumed_exit_is_looked_up_before_any_send() -> None:
+    """exit_recovered turns a sent exit into a due retry, keeping its client order id."""
+    g = make()
+    g.add(long(stop_loss=95), 0.0)
+    request = g.close("A", ExitReason.EMERGENCY, 1.0, 0.0)
+    cid = request.exit.client_order_id
+    g.exit_sending(cid)
+    resumed = g.exit_recovered(cid)
+    assert resumed.state is ExitState.RETRY and resumed.due(0.0) and g.exit(cid) == resumed

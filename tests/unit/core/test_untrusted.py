@@ -98,3 +98,14 @@ def test_a_position_with_a_huge_quantity_is_a_problem_not_a_crash() -> None:
     assert str(problems[0]).startswith("quantity: <an integer of 401 digits> is invalid")
     spec, problems = parse_spec({"symbol": "A", "side": "long", "quantity": 1, "entry_price": 1e308})
     assert spec is None and [p.field for p in problems] == ["entry_price"]
+
+
+def test_shown_survives_values_repr_cannot_render() -> None:
+    """An integer past the int-to-text limit, or a list nested past the recursion limit, is named."""
+    nested: list[object] = []
+    inner = nested
+    for _ in range(100_000):
+        inner.append([])
+        inner = inner[0]  # type: ignore[assignment]
+    assert shown(nested) == "<list>"
+    assert shown(10**5000) == "<int>"
