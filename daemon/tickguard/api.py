@@ -316,10 +316,8 @@ async def emergency_close_position(request: web.Request) -> web.Response:
     if not isinstance(symbol, str) or not symbol:
         raise ApiError(400, "bad_request", "symbol: expected a non-empty string")
     reason = _reason(body.get("reason", "emergency"))
-    d.store.audit(
-        "emergency_close",
-        {"symbol": symbol, "reason": reason.value, "remote": request.remote},
-        d.wall(),
+    d.guardian.audit(
+        "emergency_close", {"symbol": symbol, "reason": reason.value, "remote": request.remote}
     )
     result, status = await close_one(d, symbol, reason)
     return json_response(result, status=status)
@@ -331,10 +329,8 @@ async def emergency_close_all(request: web.Request) -> web.Response:
     _only(body, ("reason",))
     reason = _reason(body.get("reason", "emergency"))
     symbols = [p.symbol for p in d.guard.positions() if p.state is PositionState.OPEN]
-    d.store.audit(
-        "emergency_close_all",
-        {"symbols": symbols, "reason": reason.value, "remote": request.remote},
-        d.wall(),
+    d.guardian.audit(
+        "emergency_close_all", {"symbols": symbols, "reason": reason.value, "remote": request.remote}
     )
     outcomes = await asyncio.gather(*(close_one(d, s, reason) for s in symbols))
     results = [result for result, _ in outcomes]

@@ -131,7 +131,7 @@ class Guardian:
         position = self.store.add_position(spec, self._wall())
         self.guard.add(position, self._mono())
         self._saved_anchors[position.id] = None
-        self.store.audit("add_position", {"source": source, **spec_dict(spec)}, self._wall())
+        self.audit("add_position", {"source": source, **spec_dict(spec)})
         log.info("[GUARD] guarding %s (%s)", describe(position), source)
         self._gauges()
         self.evaluate([spec.symbol])
@@ -141,10 +141,18 @@ class Guardian:
         """Stop guarding an open position without an order. KeyError / ValueError as Guard.remove."""
         position = self.guard.remove(symbol)
         self.store.delete_position(position, self._wall())
-        self.store.audit("remove_position", {"source": source, "symbol": symbol}, self._wall())
+        self.audit("remove_position", {"source": source, "symbol": symbol})
         log.info("[GUARD] stopped guarding %s (%s); no order sent", symbol, source)
         self._gauges()
         return position
+
+    def audit(self, action: str, detail: dict[str, object]) -> None:
+        """Record a mutating call in the audit log, best effort: a store that cannot take
+        the entry (a full disk) never stops the action itself, least of all a close."""
+        try:
+            self.store.audit(action, detail, self._wall())
+        except StoreError as exc:
+            log.error("[GUARD] %s not written to the audit log: %s", action, exc)
 
     def close(self, symbol: str, reason: ExitReason) -> CloseOutcome:
         """Start (or find) the manual exit of `symbol`. KeyError if it is not guarded."""

@@ -425,6 +425,27 @@ async def test_a_failing_store_is_a_503_and_only_a_duplicate_is_a_409(serve: Ser
     assert (await d.call("POST", "/api/v1/positions", {**spec, "symbol": "TCS"}))[0] == 201
 
 
+async def test_an_emergency_close_goes_out_when_the_audit_log_cannot_be_written(
+    serve: Serve,
+) -> None:
+    """The audit log refusing its entry (as on a full disk) never stops a close or an add."""
+    d = await serve()
+    db = d.daemon.store._db  # SQLite itself refuses every audit entry from now on
+    db.execute(
+        "CREATE TEMP TRIGGER audit_full BEFORE INSERT ON main.audit"
+        " BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END"
+    )
+    spec = {"symbol": "BOSCHLTD", "side": "long", "quantity": 38, "entry_price": 735.0}
+    assert (await d.call("POST", "/api/v1/positions", spec))[0] == 201
+    d.daemon.book.update("BOSCHLTD", 700.0, None, PriceSource.POLL, d.daemon.monotonic())
+    status, text = await d.call(
+        "POST", CLOSE, {"symbol": "BOSCHLTD", "reason": "emergency"}
+    )
+    assert status == 200, text
+    assert strict_json(text)["exit_price"] == 700.0
+    assert d.daemon.store.paper_fill_count() == 1
+
+
 def test_throttle_lets_one_line_through_and_counts_the_rest() -> None:
     """A LogRateLimit passes one record per kind per interval and reports the held-back count after."""
     now = [0.0]
