@@ -98,10 +98,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`tickguard demo [--duration SECONDS]`."""
-    from tickguard import demo
+    """`tickguard demo [--duration SECONDS]`: 0, also when interrupted (SPEC 1)."""
+    try:
+        from tickguard import demo
 
-    return asyncio.run(demo.run(args.duration))
+        return asyncio.run(demo.run(args.duration))
+    except KeyboardInterrupt:  # Ctrl-C before the demo's own handlers are in place
+        print("demo interrupted", file=sys.stderr)
+        return EXIT_OK
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

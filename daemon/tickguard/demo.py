@@ -7,12 +7,18 @@ sees: the socket goes silent (a zombie), the REST poll takes over and a stop
 fires on a poll price; then the network path is cut (black hole) and the poll
 with it, so prices come from the cache, and an exit fires on a cached price;
 finally the feed comes back.
+
+Ctrl-C (or SIGTERM, or a hangup) stops it at once in any scene: the script is
+cancelled, the daemon and then the simulator are stopped within a bound, a short
+"interrupted" summary is printed from what the demo already saw (no API call: the
+daemon is going away), the temporary state is removed, and it exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import secrets
@@ -23,12 +29,23 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import aiohttp
 
 DEFAULT_DURATION = 50.0
 MIN_TIMELINE = 30.0  # the shortest run that still shows the whole outage
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Bounds of an interrupt: from the signal to exit 0 takes at most about their sum
+# (under 3 s); they are rarely reached (a daemon stops in ~0.1 s), except by the
+# simulator in the black-hole scene (see _terminate).
+UNWIND_WAIT = 0.5  # seconds a cancelled script step or live view gets to unwind
+DAEMON_STOP_WAIT = 1.2  # seconds a SIGTERMed daemon gets to close its API and store; then SIGKILL
+SIM_STOP_WAIT = 0.3  # seconds a SIGTERMed simulator gets (it has nothing to save); then SIGKILL
+TAIL_WAIT = 0.3  # seconds the daemon's log tail gets to read the last lines once it is gone
+HTTP_TIMEOUT = 10.0  # seconds for any one API call of the demo (all of them loopback)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EVENT_PREFIXES = (
     "[SL]",
     "[TP]",
@@ -97,6 +114,11 @@ class Demo:
         self.block_lines = 0
         self.phase = "starting"
         self.tail: asyncio.Task[None] | None = None
+        self.viewer: asyncio.Task[None] | None = None
+        self.exits: list[str] = []  # the daemon's [EXIT] lines, for an interrupted run's summary
+        self.last_view = ""  # the live view's headline, likewise
+        self.interrupted = asyncio.Event()
+        self.caught: signal.Signals | None = None
 
     # -- output -----------------------------------------------------------
 
@@ -124,9 +146,9 @@ class Demo:
     # -- processes --------------------------------------------------------
 
     async def start(self) -> None:
-        self.sim = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tickguard", "simulate", "--listen", "127.0.0.1:0",
-            "--symbols", "4", "--rate", "4", "--seed", "7",
+        self.say("starting the simulator and the daemon (Ctrl-C stops the demo)")
+        self.sim = await _spawn(
+            signal.SIGKILL, "simulate", "--listen", "127.0.0.1:0", "--symbols", "4", "--rate", "4", "--seed", "7",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         assert self.sim.stdout is not None
@@ -144,13 +166,16 @@ class Demo:
             CONFIG.format(state=self.state / "state", token_file=token_file, port=port)
         )
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-        self.daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tickguard", "run", "--config", str(config),
+        self.daemon = await _spawn(
+            signal.SIGTERM, "run", "--config", str(config),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         self.tail = asyncio.create_task(self._tail(self.daemon.stderr))
         await asyncio.wait_for(self.api_ready.wait(), 20)
-        self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        self.http = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT),
+        )
         self.say(f"simulator  {self.sim_url}  (POST /faults, /prices/SYMBOL)")
         self.say(f"health     {self.api_url}/api/v1/monitoring/connection-health")
         self.say(f"metrics    {self.api_url}/metrics")
@@ -170,20 +195,28 @@ class Demo:
                     self.api_url = f"http://{m.group(1)}:{m.group(2)}"
                     self.api_ready.set()
                 message = text.split(": ", 1)[1] if ": " in text else text
+                if message.startswith("[EXIT]"):
+                    self.exits.append(message)
                 if message.startswith(EVENT_PREFIXES) or text.startswith(("ERROR", "CRITICAL")):
                     self.say(f"  tickguard | {message}")
 
     async def stop(self) -> None:
+        """Stop the live view, then the daemon, then the simulator, each within a bound.
+
+        Never raises and never leaves a child running: a child that does not stop on
+        SIGTERM within its bound is killed. Safe at any point of `start`.
+        """
+        if self.viewer is not None:
+            self.viewer.cancel()
+            await asyncio.wait([self.viewer], timeout=UNWIND_WAIT)
         if self.http is not None:
             await self.http.close()
-        for proc in (self.daemon, self.sim):
-            if proc is not None and proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 12)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        await _terminate(self.daemon, DAEMON_STOP_WAIT)
+        await _terminate(self.sim, SIM_STOP_WAIT)
+        if self.tail is not None:  # reads on to the end of the daemon's stderr, then stops
+            await asyncio.wait([self.tail], timeout=TAIL_WAIT)
+            self.tail.cancel()
+            await asyncio.wait([self.tail], timeout=TAIL_WAIT)
 
     # -- API helpers ------------------------------------------------------
 
@@ -273,10 +306,11 @@ class Demo:
         _, pos = await self.api("GET", "/api/v1/positions?state=all")
         ws, fb = h["websocket"], h["fallback"]
         feed = "CONNECTED" if ws["connected"] else ws["state"].upper()
-        lines = [
-            f"{self.t()}  [{self.phase}] feed {feed}  fallback {'ACTIVE' if fb['active'] else 'off'}"
+        self.last_view = (
+            f"feed {feed}  fallback {'ACTIVE' if fb['active'] else 'off'}"
             f"  reconnects {ws['reconnect_attempts']}  errors {ws['network_errors']}"
-        ]
+        )
+        lines = [f"{self.t()}  [{self.phase}] {self.last_view}"]
         for p in pos["positions"][-6:]:
             q = p.get("price") or {}
             price = q.get("price")
@@ -296,6 +330,19 @@ class Demo:
             )
         return lines
 
+    async def play(self) -> None:
+        """The whole demo: start, the script with its live view, the summary from the API."""
+        await self.start()
+        self.viewer = asyncio.create_task(self.live_view())
+        try:
+            async with asyncio.timeout(self.duration) as budget:
+                await self.script()
+        except TimeoutError:
+            if not budget.expired():
+                raise
+        self.viewer.cancel()
+        await self.summary()
+
     async def summary(self) -> None:
         _, exits = await self.api("GET", "/api/v1/exits")
         self.say("exits (from the journal):")
@@ -313,34 +360,122 @@ class Demo:
         )
         self.say(f"(the API at {self.api_url} and /metrics stop with the demo)")
 
+    def interrupt(self, sig: signal.Signals) -> None:
+        """Note the first stop signal; `run` does the stopping."""
+        if self.caught is None:
+            self.caught = sig
+            self.interrupted.set()
+
+    def interrupted_summary(self) -> None:
+        """What the demo saw before the signal: no API call, the daemon is gone by now."""
+        name = self.caught.name if self.caught is not None else "a signal"
+        self.say(f"interrupted by {name} during: {self.phase}")
+        self.say(f"exits seen: {len(self.exits)}")
+        for line in self.exits:
+            self.say(f"  {line}")
+        if self.last_view:
+            self.say(f"last view: {self.last_view}")
+
+
+async def _spawn(
+    orphaned: signal.Signals, *args: str, **options: Any
+) -> asyncio.subprocess.Process:
+    """Start `python -m tickguard ARGS` as a child that only the demo stops.
+
+    Each child leads a session (and so a process group) of its own, off the
+    terminal: a terminal's Ctrl-C signals the foreground group, which is now the
+    demo alone, so the demo decides when and in which order its children stop
+    (the daemon first, while its feed is still up, then the simulator), the same
+    way whether the SIGINT came from a terminal, `timeout -s INT` or `kill -INT`,
+    and a child still starting up gets a silent SIGTERM rather than a
+    KeyboardInterrupt. The price is that nothing else stops them, so the demo must
+    always do it (`Demo.stop`, in `run`'s finally) and, should the demo itself die
+    (SIGKILL, a crash), the kernel sends them `orphaned` (PR_SET_PDEATHSIG, Linux):
+    SIGTERM for the daemon, SIGKILL for the simulator (see `_terminate`).
+    """
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tickguard", *args,
+        stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+        preexec_fn=_follow_parent(orphaned), **options,
+    )  # fmt: skip
+
+
+def _follow_parent(orphaned: signal.Signals) -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to send the child `orphaned` when the demo dies (None elsewhere).
+
+    libc is looked up here, in the parent: between fork and exec the child only
+    makes one foreign call (no import, no lock).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def follow() -> None:
+        prctl(PR_SET_PDEATHSIG, orphaned)
+        if os.getppid() != parent:  # the demo died before prctl: follow it now
+            os._exit(1)
+
+    return follow
+
+
+async def _terminate(proc: asyncio.subprocess.Process | None, wait: float) -> None:
+    """SIGTERM a child, give it `wait` seconds, then SIGKILL it; return once it is reaped.
+
+    The bound matters: in the black-hole scene the simulator holds the daemon's
+    poll and socket handshake open, and aiohttp's graceful shutdown waits up to
+    60 s for such handlers, so a SIGTERMed simulator would not exit (the old 12 s).
+    """
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), wait)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
 
 async def run(duration: float | None, out: TextIO = sys.stdout) -> int:
+    """Run the demo; 0 when it ran its course or was interrupted (SIGINT, SIGTERM, SIGHUP).
+
+    The signal handlers are plain `signal.signal` ones that hand over to the loop,
+    not `loop.add_signal_handler`: the loop would put back Python's SIGINT handler
+    when asyncio.run closes it, and a second Ctrl-C in the last milliseconds would
+    then raise KeyboardInterrupt (a traceback). This is the process's main: on the
+    way out the stop signals are left ignored, since it is exiting anyway.
+    """
     demo = Demo(duration or DEFAULT_DURATION, out)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    viewer: asyncio.Task[None] | None = None
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(demo.interrupt, signal.Signals(signum))
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     try:
-        await demo.start()
-        viewer = asyncio.create_task(demo.live_view())
-        script = asyncio.create_task(demo.script())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait(
-            [script, stopped], timeout=demo.duration, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in (script, stopped):
-            task.cancel()
-        if script.done() and not script.cancelled() and (error := script.exception()) is not None:
-            raise error
-        viewer.cancel()
-        await demo.summary()
+        play = asyncio.create_task(demo.play())
+        interrupted = asyncio.create_task(demo.interrupted.wait())
+        await asyncio.wait([play, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        interrupted.cancel()
+        if demo.caught is not None:
+            demo.say(f"{demo.caught.name}: stopping the daemon and the simulator")
+            play.cancel()
+            await asyncio.wait([play], timeout=UNWIND_WAIT)
+            if play.done() and not play.cancelled():
+                play.exception()  # whatever it was, the stop request wins
+        else:
+            await play  # raises what the demo raised
     finally:
-        if viewer is not None:
-            viewer.cancel()
         await demo.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         shutil.rmtree(demo.state, ignore_errors=True)
-    print("demo finished; the temporary state was removed", file=out)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    if demo.caught is not None:
+        demo.interrupted_summary()
+        print("demo interrupted; the temporary state was removed", file=out, flush=True)
+    else:
+        print("demo finished; the temporary state was removed", file=out)
     return 0
