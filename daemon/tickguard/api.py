@@ -29,18 +29,21 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from tickguard.brokers.paper import PaperBroker
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.positions import (
     POSITION_FIELDS,
+    SYMBOL_EXPECTED,
     ExitReason,
     Position,
     PositionSpec,
     PositionState,
     parse_spec,
+    valid_symbol,
 )
 from tickguard.core.prices import Freshness, Quote
-from tickguard.core.untrusted import parse_json, shown
-from tickguard.errors import PositionExists, StoreError
+from tickguard.core.untrusted import amount, parse_json, shown
+from tickguard.errors import BrokerRejected, PositionExists, StoreError
 from tickguard.guardian import CloseOutcome
 from tickguard.http_server import CONNECTIONS, DEFAULT_LIMITS, LIMITS
 from tickguard.log_limit import LogRateLimit
@@ -155,6 +158,8 @@ def build_app(daemon: Daemon) -> web.Application:
     r.add_post("/api/v1/positions", add_position)
     r.add_delete("/api/v1/positions/{symbol}", delete_position)
     r.add_get("/api/v1/exits", list_exits)
+    r.add_get("/api/v1/account", account)
+    r.add_post("/api/v1/paper/trades", paper_trade)
     r.add_get("/api/v1/openapi.json", openapi)
     r.add_get("/metrics", metrics)
     r.add_get("/healthz", healthz)
@@ -330,7 +335,8 @@ async def emergency_close_all(request: web.Request) -> web.Response:
     reason = _reason(body.get("reason", "emergency"))
     symbols = [p.symbol for p in d.guard.positions() if p.state is PositionState.OPEN]
     d.guardian.audit(
-        "emergency_close_all", {"symbols": symbols, "reason": reason.value, "remote": request.remote}
+        "emergency_close_all",
+        {"symbols": symbols, "reason": reason.value, "remote": request.remote},
     )
     outcomes = await asyncio.gather(*(close_one(d, s, reason) for s in symbols))
     results = [result for result, _ in outcomes]
@@ -377,6 +383,15 @@ def _close_result(position: Position, exit: Exit) -> tuple[dict[str, Any], int]:
             "reason": exit.reason.value,
             "client_order_id": exit.client_order_id,
         }, 200
+    if exit.state is ExitState.CANCELLED:
+        return _error(
+            409,
+            "not_held",
+            f"the account holds no {position.side.value} {symbol}: nothing was sent",
+            symbol=symbol,
+            client_order_id=exit.client_order_id,
+            state=exit.state.value,
+        )
     if exit.state is ExitState.REJECTED:
         return _error(
             502,
@@ -434,6 +449,14 @@ def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
     data["state"] = p.state.value
     data["trailing_level"] = p.trailing_level()
     data["exit_id"] = p.exit_id
+    data["origin"] = p.origin
+    view = d.reconciler.view
+    data["broker_quantity"] = None  # signed; null while the account is unknown
+    data["reconciled_at"] = None
+    if view is not None and p.state is not PositionState.CLOSED:
+        holding = view.holdings.get(p.symbol)
+        data["broker_quantity"] = holding.quantity if holding is not None else 0.0
+        data["reconciled_at"] = _iso(view.reconciled_at, d)
     if p.state is not PositionState.CLOSED:
         q = d.guard.quote(p.symbol, now)
         data["price"] = quote_json(q)
@@ -479,32 +502,133 @@ async def delete_position(request: web.Request) -> web.Response:
 
 
 async def list_exits(request: web.Request) -> web.Response:
+    """The exit journal, newest first: exits sent, and positions closed outside tickguard
+    (reason `external`, no client order id: SPEC 8)."""
     d = request.app[DAEMON]
     tz = d.market.tz
-    out = []
+    out: list[tuple[float, dict[str, Any]]] = []
+    for row in d.store.external_closes():
+        at = float(row["at"])  # type: ignore[arg-type]
+        out.append(
+            (
+                at,
+                {
+                    "symbol": row["symbol"],
+                    "position_id": row["position_id"],
+                    "reason": "external",
+                    "price_source": "none",
+                    "client_order_id": None,
+                    "state": "closed",
+                    "decided_at": datetime.fromtimestamp(at, tz).isoformat(timespec="milliseconds"),
+                    "quantity": row["quantity"],
+                    "trigger_price": None,
+                    "exit_price": None,
+                    "pnl": None,
+                    "attempts": 0,
+                    "broker_order_id": None,
+                    "detail": row["detail"],
+                },
+            )
+        )
     for record in d.store.exits():
         e = record.exit
         live = d.guard.exit(e.client_order_id) or e
         out.append(
-            {
-                "symbol": e.symbol,
-                "position_id": e.position_id,
-                "reason": e.reason.value,
-                "price_source": e.price_source.value,
-                "client_order_id": e.client_order_id,
-                "state": live.state.value,
-                "decided_at": datetime.fromtimestamp(e.decided_at, tz).isoformat(
-                    timespec="milliseconds"
-                ),
-                "trigger_price": e.trigger_price,
-                "exit_price": live.fill_price,
-                "pnl": record.pnl,
-                "attempts": live.attempts,
-                "broker_order_id": live.broker_order_id,
-                "detail": live.detail,
-            }
+            (
+                e.decided_at,
+                {
+                    "symbol": e.symbol,
+                    "position_id": e.position_id,
+                    "reason": e.reason.value,
+                    "price_source": e.price_source.value,
+                    "client_order_id": e.client_order_id,
+                    "state": live.state.value,
+                    "decided_at": datetime.fromtimestamp(e.decided_at, tz).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    "trigger_price": e.trigger_price,
+                    "exit_price": live.fill_price,
+                    "pnl": record.pnl,
+                    "attempts": live.attempts,
+                    "broker_order_id": live.broker_order_id,
+                    "detail": live.detail,
+                    "quantity": live.quantity,
+                },
+            )
         )
-    return json_response({"exits": out})
+    out.sort(key=lambda item: item[0], reverse=True)
+    return json_response({"exits": [entry for _, entry in out]})
+
+
+# -- the account (SPEC 8) ----------------------------------------------------------
+
+
+def _iso(wall: float, d: Daemon) -> str:
+    return datetime.fromtimestamp(wall, d.market.tz).isoformat(timespec="milliseconds")
+
+
+async def account(request: web.Request) -> web.Response:
+    d = request.app[DAEMON]
+    view = d.reconciler.view
+    guarded = set(d.guard.symbols())
+    holdings = sorted(view.holdings.values(), key=lambda h: h.symbol) if view else []
+    return json_response(
+        {
+            "reconciled_at": _iso(view.reconciled_at, d) if view else None,
+            "last_error": d.reconciler.last_error,
+            "positions": [
+                {
+                    "symbol": h.symbol,
+                    "quantity": h.quantity,
+                    "average_price": h.average_price,
+                    "guarded": h.symbol in guarded,
+                }
+                for h in holdings
+            ],
+        }
+    )
+
+
+PAPER_TRADE_FIELDS = ("symbol", "side", "quantity", "price")
+
+
+async def paper_trade(request: web.Request) -> web.Response:
+    """A trade made outside tickguard on the paper account (a bot, a person): SPEC 8."""
+    d = request.app[DAEMON]
+    if not isinstance(d.broker, PaperBroker):
+        raise ApiError(404, "not_found", "paper trades exist only with broker.kind = paper")
+    body = await _body(request)
+    _only(body, PAPER_TRADE_FIELDS)
+    symbol, side = body.get("symbol"), body.get("side")
+    quantity, price = amount(body.get("quantity")), body.get("price")
+    problems = []
+    if not isinstance(symbol, str) or not valid_symbol(symbol):
+        problems.append(f"symbol: {shown(symbol)} is invalid; expected {SYMBOL_EXPECTED}")
+    if side not in ("buy", "sell"):
+        problems.append(f"side: {shown(side)} is invalid; expected 'buy' or 'sell'")
+    if quantity is None:
+        problems.append(
+            f"quantity: {shown(body.get('quantity'))} is invalid; expected a number > 0"
+        )
+    if price is not None and amount(price) is None:
+        problems.append(f"price: {shown(price)} is invalid; expected a price > 0, or none")
+    if problems:
+        raise ApiError(400, "bad_request", "; ".join(problems))
+    assert isinstance(symbol, str) and isinstance(side, str) and quantity is not None
+    d.guardian.audit("paper_trade", {k: body.get(k) for k in PAPER_TRADE_FIELDS})
+    try:
+        after = d.broker.trade(symbol, side, quantity, amount(price))
+    except BrokerRejected as exc:
+        raise ApiError(409, "no_price", f"{exc.detail}; give a price") from None
+    d.reconciler.trigger()
+    position = {"symbol": symbol, "quantity": 0.0, "average_price": None}
+    if after is not None:
+        position = {
+            "symbol": symbol,
+            "quantity": after.quantity,
+            "average_price": after.average_price,
+        }
+    return json_response(position, status=201)
 
 
 # -- request helpers ----------------------------------------------------------

@@ -45,6 +45,7 @@ from tickguard.feed.upstox import poll_source as upstox_poll_source
 from tickguard.guardian import Guardian
 from tickguard.http_server import ApiServer
 from tickguard.metrics import AgeCollector, Metrics
+from tickguard.reconciler import Reconciler
 from tickguard.store import Store
 from tickguard.systemd import Notifier, measure_lag
 
@@ -73,6 +74,7 @@ class Daemon:
     resolver: ResolverChain
     supervisor: FeedSupervisor
     poller: FallbackPoller | None
+    reconciler: Reconciler
     session: aiohttp.ClientSession
     notifier: Notifier
     token: str | None
@@ -120,7 +122,12 @@ async def build(config: Config) -> Daemon:
     if config.broker.kind == "upstox":
         assert upstox_token is not None  # the config requires a token file
         broker = UpstoxBroker(
-            session, token=upstox_token, api_url=up.api_url, hft_url=up.hft_url, product=up.product
+            session,
+            token=upstox_token,
+            api_url=up.api_url,
+            hft_url=up.hft_url,
+            product=up.product,
+            products=config.account.products,
         )
     else:
         broker = PaperBroker(store, last_price)
@@ -131,6 +138,10 @@ async def build(config: Config) -> Daemon:
         guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
     )
     executor.listener = guardian.on_exit
+    if isinstance(broker, PaperBroker):  # its account: a registered position's entry filled
+        guardian.on_registered = broker.open_if_flat
+    reconciler = Reconciler(broker, guardian, metrics, config.account, config.rules)
+    executor.sizer = reconciler.exit_quantity  # SPEC 8: no exit larger than the account holds
 
     def subscriptions() -> set[str]:
         """What the feed subscribes: config symbols plus guarded ones."""
@@ -164,6 +175,7 @@ async def build(config: Config) -> Daemon:
         market_open=lambda: guardian.market_open,
         rng=random.Random(),
         endpoint=endpoint,
+        on_connected=reconciler.trigger,
     )
     poller = None
     if poll is not None:
@@ -190,6 +202,7 @@ async def build(config: Config) -> Daemon:
         resolver=resolver,
         supervisor=supervisor,
         poller=poller,
+        reconciler=reconciler,
         session=session,
         notifier=Notifier(),
         token=read_secret(config.http.token_file, "http.token_file"),
@@ -276,6 +289,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     ]
     if d.poller is not None:
         d.tasks.append(_keep_running(d, "poll", d.poller.run, failed))
+    d.tasks.append(_keep_running(d, "account", d.reconciler.run, failed))
     d.notifier.ready(status_line(d))
     log.info("tickguard %s running: %d positions guarded", __version__, len(d.guard.positions()))
     stopper = asyncio.create_task(stop.wait())

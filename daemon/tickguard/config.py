@@ -5,7 +5,7 @@
 value and what was expected. Unknown keys are problems too. Every default is
 one named constant below; `DEFAULTS` is the same defaults shaped like the
 TOML file, and `packaging/config.example.toml` is tested to parse to exactly
-them.
+them. `[account]` and `[[rules]]` are SPEC section 8.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 from tickguard.core import untrusted
+from tickguard.core.account import ExitRule
 from tickguard.core.guard import BlindPolicy
 from tickguard.core.positions import (
     MISSING,
@@ -95,10 +96,20 @@ DEFAULT_UPSTOX_HFT_URL: Final = "https://api-hft.upstox.com"
 DEFAULT_UPSTOX_TOKEN_FILE: Final = ""
 DEFAULT_UPSTOX_PRODUCT: Final = "I"
 UPSTOX_PRODUCTS: Final = ("I", "D", "MTF")
+# [account] (SPEC section 8)
+DEFAULT_ACCOUNT_SOURCE: Final = "config"
+DEFAULT_RECONCILE_INTERVAL: Final = 5.0
+DEFAULT_CONFIRM_WITHIN: Final = 60.0
+DEFAULT_ACCOUNT_PRODUCTS: Final[tuple[str, ...]] = ("I", "D", "MTF")
+# [[rules]]: each percentage is optional, at least one is required.
+RULE_PERCENTAGES: Final = ("stop_loss_pct", "take_profit_pct", "trailing_stop_pct")
+MAX_STOP_PCT: Final = 100.0  # stop_loss_pct and trailing_stop_pct: below it (a stop above 0)
+MAX_TAKE_PROFIT_PCT: Final = 1000.0  # take_profit_pct: below it
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 FEED_PROTOCOLS: Final = ("json", "upstox")
 BROKER_KINDS: Final = ("paper", "upstox")
+ACCOUNT_SOURCES: Final = ("config", "broker")
 WEEKDAY_NAMES: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # index = weekday()
 
 
@@ -109,7 +120,7 @@ def _frozen(table: Mapping[str, object]) -> Mapping[str, object]:
 
 
 # The defaults shaped like the TOML file (lists as tuples); the parser knows
-# exactly these keys plus `[[positions]]`, which has no default.
+# exactly these keys plus `[[positions]]` and `[[rules]]`, which have no default.
 DEFAULTS: Final[Mapping[str, object]] = _frozen(
     {
         "daemon": {"state_dir": DEFAULT_STATE_DIR, "log_level": DEFAULT_LOG_LEVEL},
@@ -156,6 +167,12 @@ DEFAULTS: Final[Mapping[str, object]] = _frozen(
             "hft_url": DEFAULT_UPSTOX_HFT_URL,
             "token_file": DEFAULT_UPSTOX_TOKEN_FILE,
             "product": DEFAULT_UPSTOX_PRODUCT,
+        },
+        "account": {
+            "source": DEFAULT_ACCOUNT_SOURCE,
+            "reconcile_interval": DEFAULT_RECONCILE_INTERVAL,
+            "confirm_within": DEFAULT_CONFIRM_WITHIN,
+            "products": DEFAULT_ACCOUNT_PRODUCTS,
         },
     }
 )
@@ -256,6 +273,16 @@ class UpstoxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountConfig:
+    """Whose positions are guarded and how the broker's account is reconciled (SPEC 8)."""
+
+    source: str  # config | broker (also guard every broker position a [[rules]] entry matches)
+    reconcile_interval: float  # seconds between reconciliations
+    confirm_within: float  # seconds a registered position may go unseen at the broker
+    products: tuple[str, ...]  # Upstox products whose positions count; non-empty, no repeats
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig
     http: HttpConfig
@@ -266,7 +293,9 @@ class Config:
     market: MarketConfig
     broker: BrokerConfig
     upstox: UpstoxConfig
+    account: AccountConfig
     positions: tuple[PositionSpec, ...] = ()
+    rules: tuple[ExitRule, ...] = ()  # for positions imported from the broker; first match wins
 
 
 class ConfigFileError(ConfigError):
@@ -368,9 +397,12 @@ def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = 
         market=_market(root.table("market")),
         broker=_broker(root.table("broker")),
         upstox=_upstox(root.table("upstox"), env),
+        account=_account(root.table("account")),
         positions=_positions(root),
+        rules=_rules(root),
     )
     _check_upstox_token(root, config)
+    _check_broker_source_has_rules(root, config)
     root.finish()
     if problems:
         raise ConfigError(problems)
@@ -427,6 +459,12 @@ def default_config(*, env: Mapping[str, str] | None = None) -> Config:
             DEFAULT_UPSTOX_HFT_URL,
             _default_broker_token_file(env),
             DEFAULT_UPSTOX_PRODUCT,
+        ),
+        account=AccountConfig(
+            source=DEFAULT_ACCOUNT_SOURCE,
+            reconcile_interval=DEFAULT_RECONCILE_INTERVAL,
+            confirm_within=DEFAULT_CONFIRM_WITHIN,
+            products=DEFAULT_ACCOUNT_PRODUCTS,
         ),
     )
 
@@ -976,6 +1014,108 @@ def _position(t: _Table) -> PositionSpec | None:
     for problem in problems:
         t.problem(problem.field, problem.value, problem.expected)
     return spec
+
+
+def _account(t: _Table) -> AccountConfig:
+    products = _string_list(
+        t, "products", DEFAULT_ACCOUNT_PRODUCTS, " | ".join(UPSTOX_PRODUCTS), _upstox_product
+    )
+    config = AccountConfig(
+        source=_choice(t, "source", DEFAULT_ACCOUNT_SOURCE, ACCOUNT_SOURCES),
+        reconcile_interval=_seconds(t, "reconcile_interval", DEFAULT_RECONCILE_INTERVAL),
+        confirm_within=_seconds(t, "confirm_within", DEFAULT_CONFIRM_WITHIN),
+        products=tuple(p for _, _, p in products),
+    )
+    _check_products_given(t, config)
+    return config
+
+
+def _upstox_product(text: str) -> str:
+    if text not in UPSTOX_PRODUCTS:
+        raise ValueError(text)
+    return text
+
+
+def _check_products_given(t: _Table, config: AccountConfig) -> None:
+    """With no product counted, every broker position would be ignored."""
+    if not config.products and t.ok("products"):
+        t.problem("products", [], "at least one of " + " | ".join(UPSTOX_PRODUCTS))
+
+
+_RULE_SYMBOLS_EXPECTED: Final = (
+    SYMBOL_EXPECTED.replace("a printable symbol", "printable symbols") + ', or "*" for any'
+)
+
+
+def _rules(root: _Table) -> tuple[ExitRule, ...]:
+    value = root.get("rules", [])
+    if not isinstance(value, list):
+        root.problem("rules", value, "an array of tables [[rules]]")
+        return ()
+    rules: list[ExitRule] = []
+    for i, entry in enumerate(value):
+        key = f"rules[{i}]"
+        if not isinstance(entry, Mapping):
+            expected = "a table with symbols and " + ", ".join(RULE_PERCENTAGES)
+            root.problem(key, entry, expected)
+            continue
+        table = _Table(entry, key, root.problems)
+        rule = _rule(table)
+        table.finish()
+        _check_rule_has_a_level(root, table, rule)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _rule(t: _Table) -> ExitRule:
+    stop = f"a finite number > 0 and below {MAX_STOP_PCT:g} (percent of the average price)"
+    target = f"a finite number > 0 and below {MAX_TAKE_PROFIT_PCT:g} (percent of the average price)"
+    return ExitRule(
+        symbols=_rule_symbols(t),
+        stop_loss_pct=_optional_number(t, "stop_loss_pct", stop, lambda x: 0 < x < MAX_STOP_PCT),
+        take_profit_pct=_optional_number(
+            t, "take_profit_pct", target, lambda x: 0 < x < MAX_TAKE_PROFIT_PCT
+        ),
+        trailing_stop_pct=_optional_number(
+            t, "trailing_stop_pct", stop, lambda x: 0 < x < MAX_STOP_PCT
+        ),
+    )
+
+
+def _rule_symbols(t: _Table) -> tuple[str, ...]:
+    if t.get("symbols", _MISSING) is _MISSING:
+        t.problem("symbols", _MISSING, f"an array of {_RULE_SYMBOLS_EXPECTED} (required)")
+        return ()
+    found = _string_list(t, "symbols", (), _RULE_SYMBOLS_EXPECTED, _symbol)
+    if not found and t.ok("symbols"):
+        t.problem("symbols", [], 'at least one symbol or instrument key, or "*" for any')
+    return tuple(text for _, text, _ in found)
+
+
+def _optional_number(
+    t: _Table, key: str, expected: str, valid: Callable[[float], bool]
+) -> float | None:
+    """The number at `key`, or None when it is absent (or has a problem, recorded)."""
+    if t.get(key, None) is None:
+        return None
+    result = _number(t, key, 0.0, expected, valid)
+    return result if t.ok(key) else None
+
+
+def _check_rule_has_a_level(root: _Table, t: _Table, rule: ExitRule) -> None:
+    """A rule must set at least one exit level, or it would guard nothing.
+
+    Named as the rule itself (`rules[0]`), with the whole table as the value.
+    """
+    levels = (rule.stop_loss_pct, rule.take_profit_pct, rule.trailing_stop_pct)
+    if all(level is None for level in levels) and t.ok(*RULE_PERCENTAGES):
+        root.problem(t.path, t.data, "at least one of " + ", ".join(RULE_PERCENTAGES))
+
+
+def _check_broker_source_has_rules(root: _Table, config: Config) -> None:
+    """account.source = broker imports positions through [[rules]]: with none, nothing could be."""
+    if config.account.source == "broker" and not config.rules and root.ok("rules"):
+        root.problem("rules", [], "at least one [[rules]] entry when account.source is broker")
 
 
 def _is_number(value: object) -> bool:

@@ -60,6 +60,9 @@ class ExitExecutor:
         self._wall = wall
         self._checkpoint = checkpoint
         self.listener = listener
+        # How much an exit may trade, asked right before each send (SPEC 8: the account's
+        # holding on its side); None: the exit's own quantity. Bounded in time; never raises.
+        self.sizer: Callable[[Exit], Awaitable[float]] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Future[Exit]] = {}
 
@@ -159,6 +162,14 @@ class ExitExecutor:
                 else:
                     self._settle(cid, report, None)
                     return
+            if self.sizer is not None:  # SPEC 8: never more than the account holds
+                allowed = min(exit.quantity, await self.sizer(exit))
+                if allowed <= 0:
+                    self._cancelled(cid)
+                    return
+                if allowed < exit.quantity:
+                    exit = self.guard.exit_resized(cid, allowed)
+                    self.store.update_exit(exit, self._wall())
             exit = self.guard.exit_sending(cid)
             self.store.update_exit(exit, self._wall())
             if self._checkpoint is not None:
@@ -221,6 +232,14 @@ class ExitExecutor:
             detail,
         )
         self._resolve(exit, position, elapsed)
+
+    def _cancelled(self, cid: str) -> None:
+        exit = self._exit(cid)
+        detail = f"the account holds no {exit.side.value} {exit.symbol}: nothing sent"
+        exit, position = self.guard.exit_cancelled(cid, detail, self._monotonic())
+        self.store.update_exit(exit, self._wall(), None, position)
+        log.warning("[EXIT] %s exit %s: %s", exit.symbol, cid, detail)
+        self._resolve(exit, position, None)
 
     def _unavailable(self, cid: str, detail: str) -> None:
         exit = self.guard.exit_unavailable(cid, detail, self._monotonic())

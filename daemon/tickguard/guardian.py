@@ -9,6 +9,7 @@ with the SPEC's prefixes and journalled before it is sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from tickguard.core.account import Reconciled, Verdict
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import BlindChanged, Event, ExitDecided, Guard, HeldForOpen
 from tickguard.core.market import MarketCalendar
@@ -91,6 +93,8 @@ class Guardian:
         self._blind_log = Throttle()
         self._saved_anchors: dict[int, float | None] = {}  # of guarded positions only
         self.held_back: list[str] = []  # config positions not armed: the store was lost
+        # Told of every position registered (the paper broker records its entry as filled).
+        self.on_registered: Callable[[PositionSpec], None] | None = None
         self._last_trail_save = 0.0
         # Set when guarding can no longer be trusted (the journal cannot be written):
         # the daemon then exits 1 and systemd restarts it from what the store holds.
@@ -111,6 +115,10 @@ class Guardian:
         for position in recovered:
             self._saved_anchors[position.id] = position.trail_anchor
             log.info("[GUARD] recovered %s", describe(position))
+            if self.on_registered is not None and not position.confirmed:
+                # Registered, never shown held: the paper account may have missed its
+                # entry (a crash between the two commits). Idempotent for a real holding.
+                self.on_registered(position.spec)
         new = [s for s in config_positions if self.store.latest_position(s.symbol) is None]
         if new and self.store.lost is not None and not rearm:
             self.held_back = [s.symbol for s in new]
@@ -128,8 +136,11 @@ class Guardian:
 
     def add(self, spec: PositionSpec, *, source: str) -> Position:
         """Guard a new position (StoreError if its symbol already has an active one)."""
-        position = self.store.add_position(spec, self._wall())
+        origin = source if source in ("config", "broker") else "api"
+        position = self.store.add_position(spec, self._wall(), origin)
         self.guard.add(position, self._mono())
+        if self.on_registered is not None:
+            self.on_registered(spec)
         self._saved_anchors[position.id] = None
         self.audit("add_position", {"source": source, **spec_dict(spec)})
         log.info("[GUARD] guarding %s (%s)", describe(position), source)
@@ -153,6 +164,46 @@ class Guardian:
             self.store.audit(action, detail, self._wall())
         except StoreError as exc:
             log.error("[GUARD] %s not written to the audit log: %s", action, exc)
+
+    # -- the account (SPEC 8) -------------------------------------------
+
+    def apply_account(self, symbol: str, verdict: Reconciled, broker_quantity: float) -> None:
+        """Act on what the broker holds for one open position: close it as external (no
+        order), or guard the broker's quantity. Journalled before the guard changes."""
+        position = self.guard.position(symbol)
+        if position is None or position.state is not PositionState.OPEN:
+            return
+        wall = self._wall()
+        if verdict.verdict in (Verdict.EXTERNAL, Verdict.NEVER_HELD):
+            held = f"broker holds {broker_quantity:g}"
+            if verdict.verdict is Verdict.NEVER_HELD:
+                held = f"never held by the broker (checked for {wall - position.created_at:.0f}s)"
+            closed = dataclasses.replace(position, state=PositionState.CLOSED)
+            self.store.close_external(closed, broker_quantity, held, wall)
+            self.guard.close_external(symbol)
+            self.metrics.external_closes.inc()
+            log.warning("[ACCOUNT] %s closed outside tickguard: %s", symbol, held)
+            self._gauges()
+            return
+        if verdict.verdict is Verdict.UNCONFIRMED:
+            return
+        quantity = verdict.quantity
+        changed = quantity != position.spec.quantity or not position.confirmed
+        if not changed:
+            return
+        updated = self.guard.account_update(
+            symbol, quantity, verdict.entry_price, confirmed=True
+        )
+        self.store.save_positions([updated], wall)
+        if quantity != position.spec.quantity:
+            log.warning(
+                "[ACCOUNT] %s: the broker holds %g, tickguard guarded %g: guarding %g%s",
+                symbol,
+                broker_quantity,
+                position.spec.quantity,
+                quantity,
+                f" at {updated.spec.entry_price:g}" if verdict.verdict is Verdict.GROW else "",
+            )
 
     def close(self, symbol: str, reason: ExitReason) -> CloseOutcome:
         """Start (or find) the manual exit of `symbol`. KeyError if it is not guarded."""

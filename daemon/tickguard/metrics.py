@@ -1,4 +1,4 @@
-"""Every Prometheus series tickguard exports (SPEC section 5), built in one place.
+"""Every Prometheus series tickguard exports (SPEC sections 5 and 8), built in one place.
 
 Tests pass a fresh `CollectorRegistry()`; the daemon uses its own registry
 too (never the global one), with the process and platform collectors added.
@@ -110,6 +110,32 @@ class Metrics:
         )
         self.open_positions = Gauge(
             "tickguard_open_positions", "Positions being guarded", registry=r
+        )
+        # The account (SPEC 8): the broker's positions, reconciled against ours.
+        self.unguarded_positions = Gauge(
+            "tickguard_unguarded_positions",
+            "Open broker positions that no one guards (no rule matches, or never registered)",
+            registry=r,
+        )
+        self.external_closes = Counter(
+            "tickguard_external_closes",
+            "Positions closed outside tickguard (the broker showed them flat or opposite)",
+            registry=r,
+        )
+        self.exit_quantity_clamped = Counter(
+            "tickguard_exit_quantity_clamped",
+            "Exits sized down to the broker's quantity",
+            registry=r,
+        )
+        self.reconcile_failures = Counter(
+            "tickguard_reconcile_failures",
+            "Reconciliations that failed (positions endpoint error or timeout)",
+            registry=r,
+        )
+        self.reconcile_last_success = Gauge(
+            "tickguard_reconcile_last_success_timestamp_seconds",
+            "Unix time of the last successful reconciliation (0 before the first)",
+            registry=r,
         )
         self.market_open = Gauge(
             "tickguard_market_open", "1 while the configured market is open", registry=r

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tickguard.brokers.base import OrderReport, OrderStatus
+from tickguard.core.account import Holding, apply_trade
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceSource
@@ -106,6 +107,42 @@ MIGRATIONS: tuple[str, ...] = (
         host TEXT PRIMARY KEY,
         addresses TEXT NOT NULL,
         resolved_at REAL NOT NULL
+    );
+    """,
+    # 2 -> 3: the paper broker's account (SPEC 8): every trade on it, tickguard's own
+    # fills and trades made outside tickguard alike, and the net position they add up to.
+    """
+    CREATE TABLE paper_trades (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL CHECK (side IN ('buy', 'sell')),
+        quantity REAL NOT NULL CHECK (quantity > 0),
+        price REAL NOT NULL,
+        client_order_id TEXT,
+        at REAL NOT NULL
+    );
+    CREATE TABLE paper_positions (
+        symbol TEXT PRIMARY KEY,
+        quantity REAL NOT NULL,
+        average_price REAL,
+        updated_at REAL NOT NULL
+    );
+    -- Who registered each position (SPEC 8: config, api, or broker by a [[rules]] entry).
+    ALTER TABLE positions ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
+        CHECK (origin IN ('config', 'api', 'broker'));
+    -- Whether the broker has shown it held (until then it is "unconfirmed").
+    ALTER TABLE positions ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
+    -- Positions closed outside tickguard: no order, no client order id (SPEC 8).
+    CREATE TABLE external_closes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        position_id INTEGER NOT NULL UNIQUE REFERENCES positions (id),
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL,
+        quantity REAL NOT NULL,
+        entry_price REAL NOT NULL,
+        broker_quantity REAL NOT NULL,
+        detail TEXT NOT NULL,
+        at REAL NOT NULL
     );
     """,
 )
@@ -263,15 +300,15 @@ class Store:
 
     # -- positions ------------------------------------------------------
 
-    def add_position(self, spec: PositionSpec, wall: float) -> Position:
+    def add_position(self, spec: PositionSpec, wall: float, origin: str = "api") -> Position:
         """Store a new open position; PositionExists if the symbol already has an active one,
         StoreError if the store cannot take it."""
         try:
             with self._tx() as db:
                 cursor = db.execute(
                     "INSERT INTO positions (symbol, side, quantity, entry_price, stop_loss,"
-                    " take_profit, trailing_stop, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?)",
+                    " take_profit, trailing_stop, state, created_at, updated_at, origin)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
                     (
                         spec.symbol,
                         spec.side.value,
@@ -282,6 +319,7 @@ class Store:
                         spec.trailing_stop,
                         wall,
                         wall,
+                        origin,
                     ),
                 )
         except StoreError as exc:
@@ -289,7 +327,7 @@ class Store:
                 raise PositionExists(spec.symbol) from exc
             raise
         assert cursor.lastrowid is not None
-        return Position(cursor.lastrowid, spec)
+        return Position(cursor.lastrowid, spec, origin=origin, created_at=wall)
 
     def save_positions(self, positions: Iterable[Position], wall: float) -> None:
         """Persist the mutable parts of positions (state, trailing anchor, exit ids)."""
@@ -327,6 +365,14 @@ class Store:
             "SELECT * FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1", symbol
         )
         return _position(rows[0]) if rows else None
+
+    def closed_at(self, symbol: str) -> float | None:
+        """When the newest position in `symbol` closed (wall clock), None if it is not closed."""
+        rows = self._rows(
+            "SELECT state, updated_at FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1",
+            symbol,
+        )
+        return float(rows[0]["updated_at"]) if rows and rows[0]["state"] == "closed" else None
 
     def position(self, position_id: int) -> Position | None:
         rows = self._rows("SELECT * FROM positions WHERE id = ?", position_id)
@@ -373,10 +419,12 @@ class Store:
             pnl = position.pnl(exit.fill_price)
         with self._tx() as db:
             db.execute(
-                "UPDATE exits SET state = ?, attempts = ?, fill_price = ?, pnl = COALESCE(?, pnl),"
-                " broker_order_id = ?, detail = ?, updated_at = ? WHERE client_order_id = ?",
+                "UPDATE exits SET state = ?, quantity = ?, attempts = ?, fill_price = ?,"
+                " pnl = COALESCE(?, pnl), broker_order_id = ?, detail = ?, updated_at = ?"
+                " WHERE client_order_id = ?",
                 (
                     exit.state.value,
+                    exit.quantity,
                     exit.attempts,
                     exit.fill_price,
                     pnl,
@@ -421,6 +469,32 @@ class Store:
             for r in rows
         ]
 
+    def close_external(
+        self, position: Position, broker_quantity: float, detail: str, wall: float
+    ) -> None:
+        """Journal a position closed outside tickguard (no order) and mark it closed, in one
+        commit. Once per position: a second call for it is an IntegrityError (StoreError)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO external_closes (position_id, symbol, side, quantity, entry_price,"
+                " broker_quantity, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    position.id,
+                    position.symbol,
+                    position.side.value,
+                    position.spec.quantity,
+                    position.spec.entry_price,
+                    broker_quantity,
+                    detail,
+                    wall,
+                ),
+            )
+            _save_position(db, position, wall)
+
+    def external_closes(self, limit: int = 1000) -> list[dict[str, object]]:
+        rows = self._rows("SELECT * FROM external_closes ORDER BY at DESC, id DESC LIMIT ?", limit)
+        return [dict(r) for r in rows]
+
     # -- audit ----------------------------------------------------------
 
     def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
@@ -443,8 +517,19 @@ class Store:
     def record_paper_fill(
         self, report: OrderReport, symbol: str, transaction: str, quantity: float, wall: float
     ) -> None:
-        """Record an order the paper broker filled."""
+        """Record an order the paper broker filled, and its trade on the paper account,
+        in one commit."""
         with self._tx() as db:
+            assert report.fill_price is not None
+            _paper_trade(
+                db,
+                symbol,
+                transaction.lower(),
+                quantity,
+                report.fill_price,
+                report.client_order_id,
+                wall,
+            )
             db.execute(
                 "INSERT INTO paper_fills (broker_order_id, client_order_id, symbol,"
                 " transaction_type, quantity, price, filled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -458,6 +543,26 @@ class Store:
                     wall,
                 ),
             )
+
+    def record_paper_trade(
+        self, symbol: str, side: str, quantity: float, price: float, wall: float
+    ) -> Holding | None:
+        """A trade on the paper account made outside tickguard; the net position after it."""
+        with self._tx() as db:
+            return _paper_trade(db, symbol, side, quantity, price, None, wall)
+
+    def paper_positions(self) -> list[Holding]:
+        """The paper account's open positions."""
+        rows = self._rows("SELECT * FROM paper_positions ORDER BY symbol")
+        return [Holding(r["symbol"], r["quantity"], r["average_price"]) for r in rows]
+
+    def paper_position(self, symbol: str) -> Holding | None:
+        rows = self._rows("SELECT * FROM paper_positions WHERE symbol = ?", symbol)
+        return (
+            Holding(rows[0]["symbol"], rows[0]["quantity"], rows[0]["average_price"])
+            if rows
+            else None
+        )
 
     def paper_fill(self, client_order_id: str) -> OrderReport | None:
         """The first paper fill of a client order id."""
@@ -534,6 +639,38 @@ def _write_install_id(path: Path, install_id: str) -> None:
     tmp.replace(path)
 
 
+def _paper_trade(
+    db: sqlite3.Connection,
+    symbol: str,
+    side: str,
+    quantity: float,
+    price: float,
+    client_order_id: str | None,
+    wall: float,
+) -> Holding | None:
+    """Record one paper trade and move the paper account's net position by it."""
+    db.execute(
+        "INSERT INTO paper_trades (symbol, side, quantity, price, client_order_id, at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (symbol, side, quantity, price, client_order_id, wall),
+    )
+    row = db.execute(
+        "SELECT quantity, average_price FROM paper_positions WHERE symbol = ?", (symbol,)
+    ).fetchone()
+    before = Holding(symbol, row[0], row[1]) if row else None
+    after = apply_trade(before, symbol, quantity if side == "buy" else -quantity, price)
+    if after is None:
+        db.execute("DELETE FROM paper_positions WHERE symbol = ?", (symbol,))
+    else:
+        db.execute(
+            "INSERT INTO paper_positions (symbol, quantity, average_price, updated_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET quantity = excluded.quantity,"
+            " average_price = excluded.average_price, updated_at = excluded.updated_at",
+            (symbol, after.quantity, after.average_price, wall),
+        )
+    return after
+
+
 def _statements(script: str) -> list[str]:
     """Split a migration script into statements (no semicolons inside our statements)."""
     lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
@@ -543,12 +680,15 @@ def _statements(script: str) -> list[str]:
 def _save_position(db: sqlite3.Connection, position: Position, wall: float) -> None:
     db.execute(
         "UPDATE positions SET state = ?, trail_anchor = ?, exit_seq = ?, exit_id = ?,"
-        " updated_at = ? WHERE id = ?",
+        " quantity = ?, entry_price = ?, confirmed = ?, updated_at = ? WHERE id = ?",
         (
             position.state.value,
             position.trail_anchor,
             position.exit_seq,
             position.exit_id,
+            position.spec.quantity,
+            position.spec.entry_price,
+            int(position.confirmed),
             wall,
             position.id,
         ),
@@ -585,6 +725,9 @@ def _position(row: sqlite3.Row) -> Position:
         trail_anchor=row["trail_anchor"],
         exit_seq=row["exit_seq"],
         exit_id=row["exit_id"],
+        origin=row["origin"],
+        confirmed=bool(row["confirmed"]),
+        created_at=row["created_at"],
     )
 
 

@@ -819,3 +819,171 @@ async def test_no_token_in_logs(
     assert await d.stop() == 0
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert TOKEN not in text and "wrong-token-value" not in text
+
+
+# ---------------------------------------------------------------------------
+# The account (SPEC 8), on the paper broker's ledger
+
+
+def account_tables(**account: Any) -> dict[str, Any]:
+    return {"account": {"reconcile_interval": 0.1, **account}}
+
+
+async def paper_trade(d: Running, symbol: str, side: str, quantity: float) -> dict[str, Any]:
+    status, body = await d.call(
+        "POST", "/api/v1/paper/trades", {"symbol": symbol, "side": side, "quantity": quantity}
+    )
+    assert status == 201, body
+    return body  # type: ignore[no-any-return]
+
+
+async def test_registering_a_position_fills_its_entry_on_the_paper_account(
+    ticks: TickServer, start: Start
+) -> None:
+    """A registered position is the paper account's holding; the account shows it guarded."""
+    ticks.prices["TCS"] = 3500.0
+    d = await start(ticks.url, **account_tables())
+    await d.open("TCS", "short", 4, 3510.0, stop_loss=3600.0)
+    await eventually(lambda: d.daemon.reconciler.view is not None, what="a reconciliation")
+    status, body = await d.call("GET", "/api/v1/account")
+    assert status == 200
+    assert body["positions"] == [
+        {"symbol": "TCS", "quantity": -4.0, "average_price": 3510.0, "guarded": True}
+    ]
+    assert body["reconciled_at"] is not None
+    (position,) = (await d.call("GET", "/api/v1/positions"))[1]["positions"]
+    assert position["origin"] == "api" and position["broker_quantity"] == -4.0
+
+
+async def test_the_bot_closes_the_position_then_the_stop_crosses_nothing_is_sent(
+    ticks: TickServer, start: Start
+) -> None:
+    """Closed outside tickguard (a paper trade), the position is closed as external; no order."""
+    ticks.prices["INFY"] = 1500.0
+    d = await start(ticks.url, **account_tables())
+    await d.open("INFY", "long", 10, 1500.0, stop_loss=1400.0)
+    await eventually(
+        lambda: (p := d.daemon.guard.position("INFY")) is not None and p.confirmed,
+        what="the broker showing the position held",
+    )
+    assert (await paper_trade(d, "INFY", "sell", 10))["quantity"] == 0.0
+    await eventually(lambda: d.daemon.guard.position("INFY") is None, what="the external close")
+    await ticks.set_price("INFY", 1300.0)  # through the stop: nothing left to guard
+    exits = (await d.call("GET", "/api/v1/exits"))[1]["exits"]
+    assert [(e["reason"], e["client_order_id"], e["state"]) for e in exits] == [
+        ("external", None, "closed")
+    ]
+    assert d.paper.__class__.__name__ == "PaperBroker" and d.daemon.store.paper_fill_count() == 0
+    metrics_text = (await d.call("GET", "/metrics"))[1]
+    assert "tickguard_external_closes_total 1.0" in metrics_text
+
+
+async def test_the_bot_halves_the_position_the_exit_sells_the_half(
+    ticks: TickServer, start: Start
+) -> None:
+    """After the bot sold half, the guarded quantity shrinks and the stop sells only the rest."""
+    ticks.prices["SBIN"] = 800.0
+    d = await start(ticks.url, **account_tables())
+    await d.open("SBIN", "long", 10, 800.0, stop_loss=750.0)
+    await paper_trade(d, "SBIN", "sell", 5)
+    await eventually(
+        lambda: (p := d.daemon.guard.position("SBIN")) is not None and p.spec.quantity == 5,
+        what="the shrink",
+    )
+    await ticks.set_price("SBIN", 740.0)
+    await eventually(lambda: d.daemon.store.paper_fill_count() == 1, what="the exit's fill")
+    await eventually(lambda: d.daemon.guard.position("SBIN") is None, what="closed")
+    assert d.daemon.store.paper_position("SBIN") is None  # flat, not short
+    (exit,) = [e for e in (await d.call("GET", "/api/v1/exits"))[1]["exits"] if e["symbol"] == "SBIN"]
+    assert exit["quantity"] == 5 and exit["state"] == "filled"
+
+
+async def test_an_exit_larger_than_the_holding_is_sized_down_before_it_is_sent(
+    ticks: TickServer, start: Start
+) -> None:
+    """An exit decided before reconciliation noticed the bot's sale sells only what is held."""
+    ticks.prices["ITC"] = 400.0
+    d = await start(ticks.url, **account_tables(reconcile_interval=3600.0))
+    await d.open("ITC", "long", 10, 400.0, stop_loss=380.0)
+    await eventually(lambda: d.daemon.reconciler.view is not None, what="the first reconciliation")
+    # The bot sells 6 straight into the ledger: no reconciliation is triggered.
+    d.daemon.store.record_paper_trade("ITC", "sell", 6, 400.0, 0.0)
+    await ticks.set_price("ITC", 370.0)
+    await eventually(lambda: d.daemon.store.paper_fill_count() == 1, what="the clamped exit")
+    assert d.daemon.store.paper_position("ITC") is None  # 4 sold, not 10: never through zero
+    metrics_text = (await d.call("GET", "/metrics"))[1]
+    assert "tickguard_exit_quantity_clamped_total 1.0" in metrics_text
+
+
+async def test_a_broker_position_a_rule_matches_is_guarded(ticks: TickServer, start: Start) -> None:
+    """With source broker, a position the bot opened is guarded by the first matching rule."""
+    ticks.prices["WIPRO"] = 250.0
+    d = await start(
+        ticks.url,
+        **account_tables(source="broker"),
+        rules=[{"symbols": ["WIPRO"], "stop_loss_pct": 2.0, "take_profit_pct": 4.0}],
+    )
+    status, body = await d.call(
+        "POST", "/api/v1/paper/trades", {"symbol": "WIPRO", "side": "buy", "quantity": 8, "price": 250.0}
+    )
+    assert status == 201 and body == {"symbol": "WIPRO", "quantity": 8.0, "average_price": 250.0}
+    await eventually(lambda: d.daemon.guard.position("WIPRO") is not None, what="the import")
+    position = d.daemon.guard.position("WIPRO")
+    assert position is not None and position.origin == "broker"
+    assert (position.spec.quantity, position.spec.stop_loss, position.spec.take_profit) == (
+        8.0,
+        245.0,
+        260.0,
+    )
+
+
+async def test_an_unguarded_broker_position_is_reported(ticks: TickServer, start: Start) -> None:
+    """With source config, a broker position nobody registered is unguarded, in metrics and API."""
+    d = await start(ticks.url, **account_tables())
+    await paper_trade_at(d, "HDFCBANK", "buy", 3, 1600.0)
+    await eventually(
+        lambda: [h.symbol for h in d.daemon.reconciler.unguarded()] == ["HDFCBANK"],
+        what="reported unguarded",
+    )
+    (holding,) = (await d.call("GET", "/api/v1/account"))[1]["positions"]
+    assert holding["guarded"] is False
+    assert "tickguard_unguarded_positions 1.0" in (await d.call("GET", "/metrics"))[1]
+
+
+async def paper_trade_at(d: Running, symbol: str, side: str, quantity: float, price: float) -> None:
+    body = {"symbol": symbol, "side": side, "quantity": quantity, "price": price}
+    status, answer = await d.call("POST", "/api/v1/paper/trades", body)
+    assert status == 201, answer
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"symbol": "A", "side": "hold", "quantity": 1, "price": 1.0}, "side"),
+        ({"symbol": "A", "side": "buy", "quantity": 10**400, "price": 1.0}, "quantity"),
+        ({"symbol": "A", "side": "buy", "quantity": -1, "price": 1.0}, "quantity"),
+        ({"symbol": "", "side": "buy", "quantity": 1, "price": 1.0}, "symbol"),
+        ({"symbol": "A", "side": "buy", "quantity": 1, "price": "cheap"}, "price"),
+    ],
+)
+async def test_a_bad_paper_trade_is_a_400(
+    ticks: TickServer, start: Start, body: dict[str, Any], field: str
+) -> None:
+    """Every field of a paper trade is checked; the message names it."""
+    d = await start(ticks.url)
+    status, answer = await d.call("POST", "/api/v1/paper/trades", body)
+    assert status == 400 and answer["message"].startswith(f"{field}: "), answer
+
+
+async def test_an_emergency_close_of_a_position_the_account_does_not_hold_sends_nothing(
+    ticks: TickServer, start: Start
+) -> None:
+    """A close of a position the account holds none of answers 409 not_held and sends nothing."""
+    ticks.prices["TITAN"] = 3000.0
+    d = await start(ticks.url, **account_tables(reconcile_interval=3600.0))
+    await d.open("TITAN", "long", 2, 3000.0)
+    await eventually(lambda: d.daemon.reconciler.view is not None, what="the first reconciliation")
+    d.daemon.store.record_paper_trade("TITAN", "sell", 2, 3000.0, 0.0)  # the bot, unseen yet
+    status, body = await d.close("TITAN")
+    assert status == 409 and body["error"] == "not_held", body
+    assert d.daemon.store.paper_fill_count() == 0

@@ -18,6 +18,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "config.example.to
 SCRIPT = Path(sys.executable).parent / "tickguard"
 URL = 'url = "wss://feed.test/ws"'
 LONG = 'symbol = "BOSCHLTD"\nside = "long"\nquantity = 38\nentry_price = 735.0'
+RULE = "[[rules]]\nsymbols = ['*']\ntrailing_stop_pct = 1.5"
 
 
 def tickguard_run(*args: str, cwd: Path, script: bool = False) -> subprocess.CompletedProcess[str]:
@@ -89,8 +90,30 @@ BROKEN = [
         "positions[0].quantity",
         "<an integer of 400 digits>",
     ),
-    (f"[feed]\n{URL}\nping_interval = {'9' * 400}\n", "feed.ping_interval", "<an integer of 400 digits>"),
+    (
+        f"[feed]\n{URL}\nping_interval = {'9' * 400}\n",
+        "feed.ping_interval",
+        "<an integer of 400 digits>",
+    ),
     (f"[feed]\n{URL}\n[dns]\ntimeout = inf\n", "dns.timeout", "inf"),
+    (f"[feed]\n{URL}\n[account]\nsource = 'broker'\n", "rules", "[]"),
+    (f"[feed]\n{URL}\n[account]\nsource = 'ledger'\n", "account.source", "'ledger'"),
+    (f"[feed]\n{URL}\n[account]\nreconcile_interval = 0\n", "account.reconcile_interval", "0"),
+    (
+        f"[feed]\n{URL}\n[account]\nconfirm_within = {'9' * 400}\n",
+        "account.confirm_within",
+        "<an integer of 400 digits>",
+    ),
+    (f"[feed]\n{URL}\n[account]\nproducts = ['I', 'CNC']\n", "account.products[1]", "'CNC'"),
+    (f"[feed]\n{URL}\n[account]\nproducts = []\n", "account.products", "[]"),
+    (f"[feed]\n{URL}\n{RULE}\n[[rules]]\nsymbols = ['A']\n", "rules[1]", "{'symbols': ['A']}"),
+    (
+        f"[feed]\n{URL}\n{RULE}\n[[rules]]\nsymbols = ['']\nstop_loss_pct = 1.0\n",
+        "rules[1].symbols[0]",
+        "''",
+    ),
+    (f"[feed]\n{URL}\n{RULE}\nstop_loss_pct = 100\n", "rules[0].stop_loss_pct", "100"),
+    (f"[feed]\n{URL}\n{RULE}\ntake_profit_pct = 1000.0\n", "rules[0].take_profit_pct", "1000.0"),
 ]
 
 
@@ -122,6 +145,12 @@ def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
 def test_example_config_is_ok(tmp_path: Path) -> None:
     """The shipped example config passes: `ok` and exit 0."""
     result = tickguard_run("check-config", str(EXAMPLE), cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "ok\n")
+
+
+def test_broker_source_with_a_rule_is_ok(tmp_path: Path) -> None:
+    """account.source = broker with one [[rules]] entry passes check-config."""
+    result = check(tmp_path, f"[feed]\n{URL}\n[account]\nsource = 'broker'\n{RULE}\n")
     assert (result.returncode, result.stdout) == (0, "ok\n")
 
 

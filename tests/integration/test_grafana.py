@@ -44,7 +44,7 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$instance": ".*",
 }
-ALERTS = {  # issue 5's alerts (and one more), with their severity
+ALERTS = {  # issue 5's alerts (and one more) and issue 11's, with their severity
     "TickguardDown": "critical",
     "TickguardFeedDisconnected": "warning",
     "TickguardPricesStale": "critical",
@@ -56,6 +56,8 @@ ALERTS = {  # issue 5's alerts (and one more), with their severity
     "TickguardWatchdogStalled": "critical",
     "TickguardEventLoopLag": "warning",
     "TickguardRestarting": "warning",
+    "TickguardBrokerPositionsUnguarded": "critical",
+    "TickguardReconcileStale": "warning",
 }
 MARKET_HOURS_ONLY = {
     "TickguardFeedDisconnected",
@@ -63,6 +65,8 @@ MARKET_HOURS_ONLY = {
     "TickguardPositionsUnguarded",
     "TickguardReconnectStorm",
     "TickguardDnsFallbackInUse",
+    "TickguardBrokerPositionsUnguarded",
+    "TickguardReconcileStale",
 }
 TOP_ROW = [
     "Feed connected",
@@ -333,6 +337,10 @@ async def test_dashboard_metrics_are_exported_by_the_daemon(tmp_path: Path) -> N
         "tickguard_exit_failures_total", "tickguard_order_seconds_bucket",
         "tickguard_open_positions", "tickguard_market_open", "tickguard_watchdog_pings_total",
         "tickguard_event_loop_lag_seconds",
+        # SPEC 8, the account
+        "tickguard_unguarded_positions", "tickguard_external_closes_total",
+        "tickguard_exit_quantity_clamped_total", "tickguard_reconcile_failures_total",
+        "tickguard_reconcile_last_success_timestamp_seconds",
     }  # fmt: skip
     assert spec <= used, sorted(spec - used)
 

@@ -2,7 +2,10 @@
 
 The fake follows docs/reference broker-protocols.md section 2: place (v3) on
 the HFT host, order details and history on the API host, bearer-token auth,
-Upstox error bodies, and a scriptable behaviour per place request.
+Upstox error bodies, and a scriptable behaviour per place request. It also
+keeps an account ledger served as `GET /v2/portfolio/short-term-positions`:
+its own fills change it, and a test sets it directly (`set_position`, `trade`)
+to play a bot or a person trading outside tickguard.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import pytest
 from aiohttp import web
 
 from tickguard.brokers.base import ExitOrder, OrderStatus
-from tickguard.brokers.upstox import UpstoxBroker
+from tickguard.brokers.upstox import DEFAULT_PRODUCTS, POSITIONS_TIMEOUT, UpstoxBroker
+from tickguard.core.account import Holding
 from tickguard.core.exits import ExitState
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
 from tickguard.core.positions import PositionSpec, PositionState, Side
@@ -54,6 +58,9 @@ PLACE_SCHEMA: dict[str, tuple[tuple[type, ...], frozenset[object] | None]] = {
     "slice": ((bool,), None),
 }
 OPTIONAL_FIELDS = frozenset({"tag"})
+POSITIONS_PATH = "/v2/portfolio/short-term-positions"
+OTHER = "NSE_EQ|INE002A01018"
+THIRD = "BSE_EQ|INE467B01029"
 # The status trail of an order before it reaches the exchange's book.
 ACCEPT_TRAIL = ("put order req received", "validation pending", "open pending")
 
@@ -66,6 +73,41 @@ class Behaviour(enum.Enum):
     RATE_LIMIT = "rate_limit"  # 429 UDAPI10005, no order created
     SERVER_ERROR = "server_error"  # 500, no order created
     LOST_REPLY = "lost_reply"  # store the order (complete), then never answer
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PositionsBehaviour(enum.Enum):
+    ANSWER = "answer"  # the ledger, in the documented shape
+    SERVER_ERROR = "server_error"  # 500 with an HTML page
+    HANG = "hang"  # never answer
+    UNAUTHORIZED = "unauthorized"  # 401 UDAPI100050 (the token expired at 03:30)
+    NOT_JSON = "not_json"  # 200 with a body that is not JSON
+    STATUS_ERROR = "status_error"  # 200 with {"status": "error", "errors": [...]}
+    MALFORMED = "malformed"  # the ledger plus one intraday entry whose quantity is a string
+    ECHO = "echo"  # 200, status error, the message repeating the Authorization header sent
+
+
+@dataclass
+class LedgerLine:
+    """The fake account's position in one instrument key and product.
+
+    The carried part (`overnight_*`) is what `set_position` sets; the day's trades
+    (the fake's own fills, `trade`) add to `day_*`. The net is their sum.
+    """
+
+    overnight_quantity: int = 0
+    overnight_price: float = 0.0
+    day_buy_quantity: int = 0
+    day_buy_value: float = 0.0
+    day_sell_quantity: int = 0
+    day_sell_value: float = 0.0
+    average_price: float | None = None  # of the net, by average-cost rules; None when flat
+
+    @property
+    def quantity(self) -> int:
+        return self.overnight_quantity + self.day_buy_quantity - self.day_sell_quantity
 
 
 def error_body(*errors: dict[str, str]) -> dict[str, Any]:
@@ -96,6 +138,11 @@ class FakeUpstox:
         self.place_headers: list[dict[str, str]] = []
         self.orders: dict[str, FakeOrder] = {}
         self.release = asyncio.Event()  # ends hung replies
+        self.ledger: dict[tuple[str, str], LedgerLine] = {}  # (instrument key, product) -> line
+        self.last_price = 94.0
+        self.positions_behaviour = PositionsBehaviour.ANSWER
+        self.extra_entries: list[Any] = []  # raw JSON values appended to the positions data
+        self.positions_override: Handler | None = None  # answers positions requests instead
         self._ids = itertools.count(250101000000001)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -109,6 +156,7 @@ class FakeUpstox:
         app.router.add_post("/v3/order/place", self._place)
         app.router.add_get("/v2/order/details", self._details)
         app.router.add_get("/v2/order/history", self._history)
+        app.router.add_get(POSITIONS_PATH, self._positions)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -200,9 +248,131 @@ class FakeUpstox:
             return web.json_response(error_body(ORDER_NOT_FOUND), status=400)
         return web.json_response({"status": "success", "data": entries})
 
+    async def _positions(self, request: web.Request) -> web.StreamResponse:
+        if self.positions_override is not None:
+            return await self.positions_override(request)
+        behaviour = self.positions_behaviour
+        if behaviour is PositionsBehaviour.SERVER_ERROR:
+            return web.Response(status=500, text="<html>Internal Server Error</html>")
+        if behaviour is PositionsBehaviour.HANG:
+            await self.release.wait()
+        if behaviour is PositionsBehaviour.UNAUTHORIZED:
+            return web.json_response(error_body(INVALID_TOKEN), status=401)
+        if behaviour is PositionsBehaviour.NOT_JSON:
+            return web.Response(text="<html>upstream gateway</html>", content_type="text/html")
+        if behaviour is PositionsBehaviour.STATUS_ERROR:
+            body = error_body({"errorCode": "UDAPI100500", "message": "Something went wrong"})
+            return web.json_response(body)
+        if behaviour is PositionsBehaviour.ECHO:
+            said = f"Bad header {request.headers.get('Authorization')}"
+            return web.json_response(error_body({"errorCode": "UDAPI100500", "message": said}))
+        data = [self.position_entry(key, product) for key, product in self.ledger]
+        if behaviour is PositionsBehaviour.MALFORMED:
+            bad = self.position_entry(SYMBOL, "I", LedgerLine(overnight_quantity=5))
+            data.append(dict(bad, quantity="5"))
+        return web.json_response({"status": "success", "data": data + self.extra_entries})
+
+    def position_entry(
+        self, key: str, product: str, line: LedgerLine | None = None
+    ) -> dict[str, Any]:
+        """One ledger line in Upstox's documented positions shape."""
+        line = line if line is not None else self.ledger[(key, product)]
+        carried = line.overnight_quantity
+        night_buy, night_sell = max(carried, 0), max(-carried, 0)
+        night_buy_amount = night_buy * line.overnight_price
+        night_sell_amount = night_sell * line.overnight_price
+        buy_quantity = night_buy + line.day_buy_quantity
+        sell_quantity = night_sell + line.day_sell_quantity
+        buy_value = night_buy_amount + line.day_buy_value
+        sell_value = night_sell_amount + line.day_sell_value
+        value = sell_value - buy_value
+        pnl = value + line.quantity * self.last_price
+        average = line.average_price
+        unrealised = line.quantity * (self.last_price - average) if average is not None else 0.0
+        symbol = key.split("|", 1)[1]
+        return {
+            "exchange": key.split("_", 1)[0],
+            "multiplier": 1.0,
+            "value": round(value, 2),
+            "pnl": round(pnl, 2),
+            "product": product,
+            "instrument_token": key,
+            "average_price": average,
+            "buy_value": round(buy_value, 2),
+            "overnight_quantity": carried,
+            "day_buy_value": round(line.day_buy_value, 2),
+            "day_buy_price": _price(line.day_buy_value, line.day_buy_quantity),
+            "overnight_buy_amount": round(night_buy_amount, 2),
+            "overnight_buy_quantity": night_buy,
+            "day_buy_quantity": line.day_buy_quantity,
+            "day_sell_value": round(line.day_sell_value, 2),
+            "day_sell_price": _price(line.day_sell_value, line.day_sell_quantity),
+            "overnight_sell_amount": round(night_sell_amount, 2),
+            "overnight_sell_quantity": night_sell,
+            "day_sell_quantity": line.day_sell_quantity,
+            "quantity": line.quantity,
+            "last_price": self.last_price,
+            "unrealised": round(unrealised, 2),
+            "realised": round(pnl - unrealised, 2),
+            "sell_value": round(sell_value, 2),
+            "trading_symbol": symbol,
+            "tradingsymbol": symbol,
+            "close_price": self.last_price,
+            "buy_price": _price(buy_value, buy_quantity),
+            "sell_price": _price(sell_value, sell_quantity),
+        }
+
+    # -- the account ledger ----------------------------------------------
+
+    def set_position(
+        self, key: str, quantity: int, average_price: float | None, product: str = "I"
+    ) -> None:
+        """The account holds `quantity` (signed) of `key` in `product`, carried at
+        `average_price`: what a bot's entry or a person's trade left; the day's trades reset."""
+        self.ledger[(key, product)] = LedgerLine(
+            overnight_quantity=quantity,
+            overnight_price=average_price or 0.0,
+            average_price=average_price if quantity else None,
+        )
+
+    def trade(self, key: str, transaction: str, quantity: int, price: float, product: str) -> None:
+        """A fill on the account (ours or anyone's), by average-cost rules: adding averages in,
+        reducing keeps the average, crossing zero starts the new side at `price`."""
+        line = self.ledger.setdefault((key, product), LedgerLine())
+        before = line.quantity
+        if transaction == "BUY":
+            line.day_buy_quantity += quantity
+            line.day_buy_value += quantity * price
+        else:
+            line.day_sell_quantity += quantity
+            line.day_sell_value += quantity * price
+        after = line.quantity
+        if after == 0:
+            line.average_price = None
+        elif before == 0 or (before > 0) != (after > 0):
+            line.average_price = price
+        elif abs(after) > abs(before):
+            old = line.average_price
+            added = abs(after) - abs(before)
+            line.average_price = (
+                None if old is None else (abs(before) * old + added * price) / abs(after)
+            )
+
+    def net(self, key: str, product: str = "I") -> int:
+        line = self.ledger.get((key, product))
+        return line.quantity if line is not None else 0
+
     def _append(self, order: FakeOrder, status: str, message: str = "") -> None:
         body = order.body
         done = status == "complete"
+        if done:  # the fill changes the account, in the order's product
+            self.trade(
+                body["instrument_token"],
+                body["transaction_type"],
+                body["quantity"],
+                self.fill_price,
+                body["product"],
+            )
         order.history.append(
             {
                 "exchange": body["instrument_token"].split("_", 1)[0],
@@ -237,6 +407,10 @@ class FakeUpstox:
 
     def place_count(self) -> int:
         return sum(1 for method, path in self.requests if path == "/v3/order/place")
+
+
+def _price(value: float, quantity: int) -> float:
+    return round(value / quantity, 2) if quantity else 0.0
 
 
 def place_problem(body: Any, headers: Any) -> tuple[str, str] | None:
@@ -287,7 +461,14 @@ class Rig:
     fake: FakeUpstox
     session: aiohttp.ClientSession
 
-    def broker(self, *, token: str = TOKEN, fill_wait: float = 1.0) -> UpstoxBroker:
+    def broker(
+        self,
+        *,
+        token: str = TOKEN,
+        fill_wait: float = 1.0,
+        products: tuple[str, ...] = DEFAULT_PRODUCTS,
+        positions_timeout: float = POSITIONS_TIMEOUT,
+    ) -> UpstoxBroker:
         return UpstoxBroker(
             self.session,
             token=token,
@@ -295,6 +476,8 @@ class Rig:
             hft_url=self.fake.url,
             fill_wait=fill_wait,
             poll_interval=0.02,
+            products=products,
+            positions_timeout=positions_timeout,
         )
 
 
@@ -540,3 +723,275 @@ async def test_lost_reply_is_reconciled_by_tag_without_a_second_order(
     finally:
         await executor.cancel_all()
         store.close()
+
+
+# ---------------------------------------------------------------------------
+# The account: GET /v2/portfolio/short-term-positions
+
+
+async def positions_of(broker: UpstoxBroker) -> list[Holding]:
+    return await asyncio.wait_for(broker.positions(), 5.0)
+
+
+async def test_positions_in_the_documented_shape_become_holdings(rig: Rig) -> None:
+    """Long and short entries become signed Holdings by instrument key; flat and uncounted
+    products are left out."""
+    rig.fake.set_position(SYMBOL, 10, 100.5)
+    rig.fake.set_position(OTHER, -5, 735.5)
+    rig.fake.set_position(THIRD, 0, None)
+    rig.fake.set_position("NSE_EQ|INE040A01034", 7, 1500.0, product="CO")
+    holdings = await positions_of(rig.broker())
+    assert holdings == [
+        Holding(OTHER, -5.0, 735.5, "I"),
+        Holding(SYMBOL, 10.0, 100.5, "I"),
+    ]
+    assert rig.fake.requests == [("GET", POSITIONS_PATH)]
+
+
+async def test_positions_are_sent_with_the_token_in_the_header_only(rig: Rig) -> None:
+    """A wrong token is refused by the fake (401), which proves the Authorization header
+    carries it; the error never repeats it."""
+    wrong = "wrong-token-do-not-print-77"
+    with pytest.raises(BrokerUnavailable) as caught:
+        await positions_of(rig.broker(token=wrong))
+    assert "401" in str(caught.value) and "UDAPI100050" in str(caught.value)
+    assert wrong not in str(caught.value)
+    assert all(wrong not in path for _, path in rig.fake.requests)
+
+
+async def test_a_null_average_price_is_none(rig: Rig) -> None:
+    """An open entry whose average_price is null (or 0) is held with no average price."""
+    rig.fake.set_position(SYMBOL, 10, None)
+    rig.fake.set_position(OTHER, 3, 0.0)
+    assert await positions_of(rig.broker()) == [
+        Holding(OTHER, 3.0, None, "I"),
+        Holding(SYMBOL, 10.0, None, "I"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        # Same side: summed, the average weighted by quantity.
+        ([(10, 100.0, "I"), (30, 110.0, "D")], Holding(SYMBOL, 40.0, 107.5, "")),
+        ([(-2, 50.0, "I"), (-6, 54.0, "MTF")], Holding(SYMBOL, -8.0, 53.0, "")),
+        # Opposite sides: the net, no average.
+        ([(10, 100.0, "I"), (-4, 90.0, "D")], Holding(SYMBOL, 6.0, None, "")),
+        # One side's average missing: no average.
+        ([(10, 100.0, "I"), (5, None, "D")], Holding(SYMBOL, 15.0, None, "")),
+        # A flat product beside an open one: the open one alone.
+        ([(0, None, "I"), (5, 120.0, "D")], Holding(SYMBOL, 5.0, 120.0, "D")),
+    ],
+)
+async def test_products_of_one_instrument_are_summed(
+    rig: Rig, lines: list[tuple[int, float | None, str]], expected: Holding
+) -> None:
+    """An instrument held in several counted products is one Holding: the net summed, the
+    average weighted over the entries when all are on the net's side."""
+    for quantity, price, product in lines:
+        rig.fake.set_position(SYMBOL, quantity, price, product)
+    assert await positions_of(rig.broker()) == [expected]
+
+
+async def test_products_that_cancel_out_are_flat(rig: Rig) -> None:
+    """A long in one product and an equal short in another net to flat: no Holding."""
+    rig.fake.set_position(SYMBOL, 10, 100.0, "I")
+    rig.fake.set_position(SYMBOL, -10, 101.0, "D")
+    assert await positions_of(rig.broker()) == []
+
+
+async def test_only_the_configured_products_count(rig: Rig) -> None:
+    """Only the configured products count: others are ignored, even malformed ones, and the
+    same malformed entry fails the call once its product counts."""
+    rig.fake.set_position(SYMBOL, 10, 100.0, "I")
+    rig.fake.set_position(SYMBOL, 30, 110.0, "D")
+    rig.fake.set_position(OTHER, 4, 700.0, "MTF")
+    bad = rig.fake.position_entry(THIRD, "D", LedgerLine(overnight_quantity=1))
+    rig.fake.extra_entries.append(dict(bad, quantity="lots"))
+    assert await positions_of(rig.broker(products=("I",))) == [Holding(SYMBOL, 10.0, 100.0, "I")]
+    assert await positions_of(rig.broker(products=("MTF",))) == [Holding(OTHER, 4.0, 700.0, "MTF")]
+    with pytest.raises(BrokerUnavailable, match=r"data\[3\]\.quantity: 'lots'"):
+        await positions_of(rig.broker(products=("D", "MTF")))
+
+
+async def test_a_filled_exit_reduces_the_position(rig: Rig) -> None:
+    """The fake's fill of an exit changes what positions() reports: 10 long, sell 4 -> 6 long
+    at the same average; sell 6 more -> flat."""
+    broker = rig.broker()
+    rig.fake.set_position(SYMBOL, 10, 100.0)
+    assert await positions_of(broker) == [Holding(SYMBOL, 10.0, 100.0, "I")]
+    report = await asyncio.wait_for(broker.place_exit(exit_order("tg-a-1-1", 4.0)), 5.0)
+    assert report.status is OrderStatus.FILLED
+    assert await positions_of(broker) == [Holding(SYMBOL, 6.0, 100.0, "I")]
+    await asyncio.wait_for(broker.place_exit(exit_order("tg-a-1-2", 6.0)), 5.0)
+    assert await positions_of(broker) == []
+    assert rig.fake.net(SYMBOL) == 0
+
+
+async def test_a_short_covered_in_part_shrinks(rig: Rig) -> None:
+    """A BUY exit of a short reduces the short by what it bought."""
+    broker = rig.broker()
+    rig.fake.set_position(OTHER, -5, 735.5)
+    order = ExitOrder("tg-b-1-1", OTHER, Side.SHORT, 2.0, None)
+    await asyncio.wait_for(broker.place_exit(order), 5.0)
+    assert await positions_of(broker) == [Holding(OTHER, -3.0, 735.5, "I")]
+
+
+async def test_an_unfilled_exit_leaves_the_position(rig: Rig) -> None:
+    """An exit order still open has not traded: positions() still shows the whole holding."""
+    broker = rig.broker(fill_wait=0.0)
+    rig.fake.set_position(SYMBOL, 10, 100.0)
+    rig.fake.behaviour = Behaviour.STAY_OPEN
+    report = await asyncio.wait_for(broker.place_exit(exit_order()), 5.0)
+    assert report.status is OrderStatus.WORKING
+    assert await positions_of(broker) == [Holding(SYMBOL, 10.0, 100.0, "I")]
+
+
+async def test_an_outside_trade_changes_the_position(rig: Rig) -> None:
+    """A trade made outside tickguard (the fake's ledger set by the test) is what positions()
+    reports next."""
+    broker = rig.broker()
+    rig.fake.set_position(SYMBOL, 10, 100.0)
+    assert await positions_of(broker) == [Holding(SYMBOL, 10.0, 100.0, "I")]
+    rig.fake.trade(SYMBOL, "BUY", 10, 110.0, "I")
+    assert await positions_of(broker) == [Holding(SYMBOL, 20.0, 105.0, "I")]
+    rig.fake.trade(SYMBOL, "SELL", 25, 90.0, "I")
+    assert await positions_of(broker) == [Holding(SYMBOL, -5.0, 90.0, "I")]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "needles"),
+    [
+        (PositionsBehaviour.SERVER_ERROR, ("HTTP 500",)),
+        (PositionsBehaviour.UNAUTHORIZED, ("HTTP 401", "UDAPI100050")),
+        (PositionsBehaviour.NOT_JSON, ("not JSON",)),
+        (PositionsBehaviour.STATUS_ERROR, ("status 'error'", "UDAPI100500")),
+        (PositionsBehaviour.MALFORMED, ("data[1].quantity", "'5'")),
+        (PositionsBehaviour.ECHO, ("Bad header Bearer <token>",)),
+    ],
+)
+async def test_a_failed_positions_call_is_unavailable(
+    rig: Rig,
+    caplog: pytest.LogCaptureFixture,
+    behaviour: PositionsBehaviour,
+    needles: tuple[str, ...],
+) -> None:
+    """A 500, a 401, a body that is not JSON, status error or a malformed entry is
+    BrokerUnavailable saying why, never a partial answer, and never carries the token (even
+    when the broker repeats it)."""
+    caplog.set_level(logging.DEBUG)
+    rig.fake.set_position(OTHER, 3, 700.0)
+    rig.fake.positions_behaviour = behaviour
+    with pytest.raises(BrokerUnavailable) as caught:
+        await positions_of(rig.broker())
+    message = str(caught.value)
+    assert "positions" in message
+    for needle in needles:
+        assert needle in message
+    assert TOKEN not in message and TOKEN not in caplog.text
+
+
+async def test_a_hung_positions_call_ends_at_its_timeout(rig: Rig) -> None:
+    """A positions endpoint that never answers is BrokerUnavailable after positions_timeout."""
+    rig.fake.positions_behaviour = PositionsBehaviour.HANG
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"no answer within 0\.2s"):
+        await positions_of(rig.broker(positions_timeout=0.2))
+    assert time.monotonic() - started < 1.5
+
+
+async def test_an_unreachable_positions_endpoint_is_unavailable(rig: Rig) -> None:
+    """A refused connection is BrokerUnavailable."""
+    await rig.fake.close()
+    with pytest.raises(BrokerUnavailable, match="positions"):
+        await positions_of(rig.broker())
+
+
+DROP = object()  # a field left out of an entry
+
+
+def documented(**changes: Any) -> dict[str, Any]:
+    """An open intraday entry of OTHER in the documented shape, with `changes` (DROP: left out)."""
+    fake = FakeUpstox()
+    entry = fake.position_entry(OTHER, "I", LedgerLine(overnight_quantity=4, average_price=7.0))
+    entry.update(changes)
+    return {k: v for k, v in entry.items() if v is not DROP}
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        (documented(quantity=10**400), "data[1].quantity: <an integer of 401 digits>"),
+        (documented(quantity=-(10**400)), "data[1].quantity"),
+        (documented(quantity=2.5), "data[1].quantity: 2.5"),
+        (documented(quantity="4"), "data[1].quantity: '4'"),
+        (documented(quantity=True), "data[1].quantity: True"),
+        (documented(quantity=None), "data[1].quantity: None"),
+        (documented(quantity=float("nan")), "data[1].quantity: nan"),
+        (documented(quantity=10**12), "data[1].quantity"),
+        (documented(quantity=[4]), "data[1].quantity: [4]"),
+        (documented(quantity=DROP), "data[1].quantity is missing"),
+        (documented(instrument_token=DROP), "data[1].instrument_token is missing"),
+        (documented(instrument_token=""), "data[1].instrument_token: ''"),
+        (documented(instrument_token="RELIANCE"), "data[1].instrument_token: 'RELIANCE'"),
+        (documented(instrument_token="NSE_EQ|" + "9" * 500), "data[1].instrument_token"),
+        (documented(instrument_token=12345), "data[1].instrument_token: 12345"),
+        (documented(average_price="735.5"), "data[1].average_price: '735.5'"),
+        (documented(average_price=-1.0), "data[1].average_price: -1.0"),
+        (documented(average_price=10**400), "data[1].average_price: <an integer of 401"),
+        (documented(average_price=DROP), "data[1].average_price is missing"),
+        (documented(product=DROP), "data[1].product is missing"),
+        (documented(product=["I"]), "data[1].product: ['I']"),
+        (["not", "an", "entry"], "data[1] is not an object"),
+        ("x" * 10_000, "data[1] is not an object"),
+        (documented(quantity=2), "a second entry for NSE_EQ|INE002A01018 in product I"),
+    ],
+)
+async def test_a_malformed_entry_fails_the_whole_call(rig: Rig, entry: Any, needle: str) -> None:
+    """Any malformed counted entry fails the call naming the field, so that a held position is
+    never reported flat; a 400-digit number is a failure, not a crash."""
+    rig.fake.set_position(OTHER, 3, 700.0)
+    rig.fake.extra_entries.append(entry)
+    with pytest.raises(BrokerUnavailable) as caught:
+        await positions_of(rig.broker())
+    message = str(caught.value)
+    assert needle in message and len(message) < 400
+    assert TOKEN not in message
+
+
+async def test_a_net_beyond_any_position_fails(rig: Rig) -> None:
+    """Two entries whose sum is beyond any real position fail the call rather than report it."""
+    rig.fake.set_position(SYMBOL, 900_000_000_000, 1.0, "I")
+    rig.fake.set_position(SYMBOL, 900_000_000_000, 1.0, "D")
+    with pytest.raises(BrokerUnavailable, match="is not a position"):
+        await positions_of(rig.broker())
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"status": "success", "data": {"quantity": 5}}, "data is not a list"),
+        ({"status": "success", "data": None}, "data is not a list: None"),
+        ({"status": "success"}, "data is missing"),
+        ({"data": []}, "status None"),
+        ([{"status": "success", "data": []}], "the answer is not an object"),
+        ("success", "the answer is not an object"),
+        (10**400, "the answer is not an object: <an integer of 401 digits>"),
+    ],
+)
+async def test_an_answer_of_the_wrong_shape_fails(rig: Rig, body: Any, needle: str) -> None:
+    """A 200 whose body is not `{"status": "success", "data": [...]}` is BrokerUnavailable."""
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        return web.json_response(body)
+
+    rig.fake.positions_override = serve
+    with pytest.raises(BrokerUnavailable) as caught:
+        await positions_of(rig.broker())
+    assert needle in str(caught.value)
+
+
+async def test_an_empty_account_is_no_holdings(rig: Rig) -> None:
+    """`data: []` is an account with no positions: an empty list, not a failure."""
+    assert await positions_of(rig.broker()) == []
+    assert rig.fake.requests == [("GET", POSITIONS_PATH)]

@@ -32,6 +32,7 @@ from tickguard.config import (
     parse_nameserver,
     parse_session,
 )
+from tickguard.core.account import ExitRule
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.errors import ConfigError, ConfigProblem
 
@@ -182,6 +183,8 @@ def test_default_values_spelled_out() -> None:
     )
     assert d.broker.kind == "paper"
     assert d.positions == ()
+    assert d.account == cfg.AccountConfig("config", 5.0, 60.0, ("I", "D", "MTF"))
+    assert d.rules == ()
 
 
 def test_config_is_frozen() -> None:
@@ -292,6 +295,9 @@ def test_config_path_resolution() -> None:
             ),
         ),
         ("dns.fallback_servers", [], "dns.fallback_servers", ()),
+        ("account.reconcile_interval", 0.05, "account.reconcile_interval", 0.05),
+        ("account.confirm_within", 1, "account.confirm_within", 1.0),
+        ("account.products", ["MTF", "D"], "account.products", ("MTF", "D")),
     ],
 )
 def test_accepted_value(dotted: str, value: object, attribute: str, parsed: object) -> None:
@@ -404,6 +410,25 @@ BROKEN: list[tuple[str, object, str, object]] = [
     ("broker.api_key", "k", "broker.api_key", "k"),
     ("position", [{}], "position", [{}]),
     ("positions", {"symbol": "A"}, "positions", {"symbol": "A"}),
+    ("account", 3, "account", 3),
+    ("account.source", "upstox", "account.source", "upstox"),
+    ("account.source", "Broker", "account.source", "Broker"),
+    ("account.source", 1, "account.source", 1),
+    ("account.reconcile_interval", 0, "account.reconcile_interval", 0),
+    ("account.reconcile_interval", -5.0, "account.reconcile_interval", -5.0),
+    ("account.reconcile_interval", "5", "account.reconcile_interval", "5"),
+    ("account.reconcile_interval", True, "account.reconcile_interval", True),
+    ("account.confirm_within", 0.0, "account.confirm_within", 0.0),
+    ("account.confirm_within", math.inf, "account.confirm_within", math.inf),
+    ("account.confirm_within", math.nan, "account.confirm_within", math.nan),
+    ("account.products", "I", "account.products", "I"),
+    ("account.products", [], "account.products", []),
+    ("account.products", ["i"], "account.products[0]", "i"),
+    ("account.products", ["I", "CNC"], "account.products[1]", "CNC"),
+    ("account.products", ["D", "D"], "account.products[1]", "D"),
+    ("account.products", [1], "account.products[0]", 1),
+    ("account.interval", 5.0, "account.interval", 5.0),
+    ("rules", {"symbols": ["*"]}, "rules", {"symbols": ["*"]}),
 ]
 
 
@@ -580,6 +605,206 @@ def test_two_positions_on_one_symbol() -> None:
     problem = only_problem(build(positions=[LONG, {**LONG, "side": "short"}]))
     assert (problem.key, problem.value) == ("positions[1].symbol", "BOSCHLTD")
     assert "positions[0]" in problem.expected
+
+
+# --- [account] and [[rules]] (SPEC section 8) ----------------------------------------------
+
+RULE = {"symbols": ["*"], "stop_loss_pct": 2.0}
+HUGE = int("9" * 400)  # a double cannot hold it: float(HUGE) raises OverflowError
+
+
+def test_rules_parse_in_order() -> None:
+    """[[rules]] entries become ExitRules in file order, ints as floats, absent levels None."""
+    entries = [
+        {
+            "symbols": ["BOSCHLTD", "NSE_EQ|INE848E01016"],
+            "take_profit_pct": 4,
+            "trailing_stop_pct": 1.5,
+        },
+        {"symbols": ["*"], "stop_loss_pct": 2, "take_profit_pct": 999.5},
+    ]
+    config = parse_config(build(rules=entries), env=NO_ENV)
+    assert config.rules == (
+        ExitRule(("BOSCHLTD", "NSE_EQ|INE848E01016"), None, 4.0, 1.5),
+        ExitRule(("*",), 2.0, 999.5, None),
+    )
+    levels = [r.stop_loss_pct for r in config.rules] + [r.take_profit_pct for r in config.rules]
+    assert all(type(level) is float for level in levels if level is not None)
+
+
+def test_broker_source_with_rules_is_valid() -> None:
+    """account.source = broker with a [[rules]] entry parses, with its other keys at defaults."""
+    config = parse_config(build(account__source="broker", rules=[RULE]), env=NO_ENV)
+    assert config.account == cfg.AccountConfig("broker", 5.0, 60.0, ("I", "D", "MTF"))
+    assert config.rules == (ExitRule(("*",), stop_loss_pct=2.0),)
+
+
+@pytest.mark.parametrize("rules", [None, []])
+def test_broker_source_needs_a_rule(rules: list[object] | None) -> None:
+    """account.source = broker without [[rules]] (absent or empty) is one problem naming rules."""
+    data = build(account__source="broker")
+    if rules is not None:
+        data["rules"] = rules
+    problem = only_problem(data)
+    assert (problem.key, problem.value) == ("rules", [])
+    assert problem.expected == "at least one [[rules]] entry when account.source is broker"
+
+
+def test_broker_source_with_broken_rules_reports_them_only() -> None:
+    """A rules value that is not an array is named once, not again as missing rules."""
+    problem = only_problem(build(account__source="broker", rules="*"))
+    assert (problem.key, problem.value) == ("rules", "*")
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "shown"),
+    [
+        ({"symbols": []}, "rules[0].symbols", []),
+        ({"symbols": "*"}, "rules[0].symbols", "*"),
+        ({"symbols": [""]}, "rules[0].symbols[0]", ""),
+        ({"symbols": ["A", 5]}, "rules[0].symbols[1]", 5),
+        ({"symbols": ["A\n"]}, "rules[0].symbols[0]", "A\n"),
+        ({"symbols": [" A"]}, "rules[0].symbols[0]", " A"),
+        ({"symbols": ["*", "A", "A"]}, "rules[0].symbols[2]", "A"),
+        ({"stop_loss_pct": 0}, "rules[0].stop_loss_pct", 0),
+        ({"stop_loss_pct": -2.0}, "rules[0].stop_loss_pct", -2.0),
+        ({"stop_loss_pct": 100}, "rules[0].stop_loss_pct", 100),
+        ({"stop_loss_pct": math.inf}, "rules[0].stop_loss_pct", math.inf),
+        ({"stop_loss_pct": True}, "rules[0].stop_loss_pct", True),
+        ({"stop_loss_pct": "2"}, "rules[0].stop_loss_pct", "2"),
+        ({"stop_loss_pct": HUGE}, "rules[0].stop_loss_pct", HUGE),
+        ({"trailing_stop_pct": 100.0}, "rules[0].trailing_stop_pct", 100.0),
+        ({"trailing_stop_pct": 0.0}, "rules[0].trailing_stop_pct", 0.0),
+        ({"take_profit_pct": 1000}, "rules[0].take_profit_pct", 1000),
+        ({"take_profit_pct": 0}, "rules[0].take_profit_pct", 0),
+        ({"take_profit_pct": -math.inf}, "rules[0].take_profit_pct", -math.inf),
+        ({"stop_loss": 2.0}, "rules[0].stop_loss", 2.0),
+    ],
+)
+def test_rejected_rule(changes: dict[str, object], key: str, shown: object) -> None:
+    """A bad [[rules]] field is one problem named rules[i].field (or .field[j]) with its value."""
+    problem = only_problem(build(rules=[{**RULE, **changes}]))
+    assert (problem.key, problem.value) == (key, shown)
+    assert problem.expected
+
+
+def test_nan_percentage_rejected() -> None:
+    """A NaN percentage is not a level."""
+    problem = only_problem(build(rules=[{**RULE, "stop_loss_pct": math.nan}]))
+    assert problem.key == "rules[0].stop_loss_pct"
+
+
+def test_percentage_bounds_are_spelled_out() -> None:
+    """The expectations name each percentage's range: below 100 for stops, 1000 for targets."""
+    stop = only_problem(build(rules=[{**RULE, "trailing_stop_pct": 150}]))
+    target = only_problem(build(rules=[{**RULE, "take_profit_pct": 1500}]))
+    assert "> 0 and below 100 " in stop.expected
+    assert "> 0 and below 1000 " in target.expected
+
+
+def test_percentages_just_inside_the_bounds() -> None:
+    """Levels just inside the ranges (99.99 for stops, 999.99 for targets) are accepted."""
+    entry = {"symbols": ["A"], "stop_loss_pct": 99.99, "take_profit_pct": 999.99}
+    config = parse_config(build(rules=[{**entry, "trailing_stop_pct": 99.99}]), env=NO_ENV)
+    assert config.rules == (ExitRule(("A",), 99.99, 999.99, 99.99),)
+
+
+def test_rule_without_a_level_is_named_with_its_table() -> None:
+    """A rule setting none of the three percentages is a problem on rules[i], valued the table."""
+    problem = only_problem(build(rules=[RULE, {"symbols": ["A", "B"]}]))
+    assert (problem.key, problem.value) == ("rules[1]", {"symbols": ["A", "B"]})
+    assert problem.expected == "at least one of stop_loss_pct, take_profit_pct, trailing_stop_pct"
+
+
+def test_rule_with_only_a_bad_level_reports_that_level_only() -> None:
+    """A rule whose one percentage is invalid names that key, not also a missing level."""
+    problem = only_problem(build(rules=[{"symbols": ["*"], "take_profit_pct": 0}]))
+    assert problem.key == "rules[0].take_profit_pct"
+
+
+def test_rule_missing_symbols() -> None:
+    """symbols is required in a rule, shown as <missing>."""
+    problem = only_problem(build(rules=[{"stop_loss_pct": 2.0}]))
+    assert problem.key == "rules[0].symbols"
+    assert str(problem).startswith("rules[0].symbols: <missing> is invalid; expected an array")
+
+
+def test_rule_entry_not_a_table() -> None:
+    """An entry of rules that is not a table is named by its index."""
+    problem = only_problem(build(rules=[RULE, "*"]))
+    assert (problem.key, problem.value) == ("rules[1]", "*")
+
+
+def test_rule_typo_suggests_the_key() -> None:
+    """A misspelt percentage in a rule is named and the known key suggested."""
+    problem = only_problem(build(rules=[{**RULE, "take_profit_pc": 4.0}]))
+    assert problem.key == "rules[0].take_profit_pc"
+    assert "did you mean 'take_profit_pct'?" in problem.expected
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (with_key("account.reconcile_interval", HUGE), "account.reconcile_interval"),
+        (with_key("account.confirm_within", -HUGE), "account.confirm_within"),
+        (build(rules=[{**RULE, "take_profit_pct": HUGE}]), "rules[0].take_profit_pct"),
+    ],
+)
+def test_400_digit_integer_is_a_problem_not_a_crash(data: dict[str, object], key: str) -> None:
+    """A 400-digit integer (beyond a double) is a problem naming the key, shown in bounded space."""
+    problem = only_problem(data)
+    assert problem.key == key
+    assert "<an integer of 400 digits>" in str(problem)
+    assert len(str(problem)) < 200
+
+
+def test_400_digit_integer_in_a_file(tmp_path: Path) -> None:
+    """Read from TOML, a 400-digit reconcile_interval is a ConfigError, not an OverflowError."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[feed]\nurl = "{URL}"\n[account]\nreconcile_interval = {"9" * 400}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env=NO_ENV)
+    assert str(caught.value) == (
+        "account.reconcile_interval: <an integer of 400 digits> is invalid;"
+        " expected a finite number of seconds > 0"
+    )
+
+
+def test_every_account_and_rule_problem_reported_at_once() -> None:
+    """Problems across [account] and several [[rules]] are all listed, each under its own key."""
+    data = build(
+        account__source="brokers",
+        account__confirm_within=0,
+        account__products=["I", "I", "X"],
+        rules=[
+            {"symbols": ["*"]},
+            {"symbols": ["", "A"], "take_profit_pct": 0, "stop_loss_pct": 100, "extra": 1},
+            "not a table",
+        ],
+    )
+    assert [p.key for p in problems(data)] == [
+        "account.products[1]",
+        "account.products[2]",
+        "account.source",
+        "account.confirm_within",
+        "rules[0]",
+        "rules[1].symbols[0]",
+        "rules[1].stop_loss_pct",
+        "rules[1].take_profit_pct",
+        "rules[1].extra",
+        "rules[2]",
+    ]
+
+
+def test_example_rules_block_is_valid() -> None:
+    """The commented-out [[rules]] example in packaging/, uncommented, parses as documented."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [[rules]]")
+    end = lines.index("", start)
+    block = "\n".join(line.removeprefix("# ") for line in lines[start:end])
+    data = tomllib.loads(f'[feed]\nurl = "{URL}"\n[account]\nsource = "broker"\n{block}\n')
+    config = parse_config(data, env=NO_ENV)
+    assert config.rules == (ExitRule(("*",), 2.0, 4.0, 1.5),)
 
 
 # --- value parsers -------------------------------------------------------------------------

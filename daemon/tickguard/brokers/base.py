@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from tickguard.core.account import Holding
 from tickguard.core.positions import Side
 
 
@@ -64,5 +65,10 @@ class Broker(Protocol):
     async def place_exit(self, order: ExitOrder) -> OrderReport: ...
 
     async def find_order(self, client_order_id: str) -> OrderReport | None: ...
+
+    async def positions(self) -> list[Holding]:
+        """The account's open net positions, one per symbol (SPEC 8); BrokerUnavailable
+        when the broker cannot say (the caller keeps its last view)."""
+        ...
 
     async def close(self) -> None: ...

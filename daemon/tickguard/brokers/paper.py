@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
+from tickguard.core.account import Holding
+from tickguard.core.positions import PositionSpec, Side
 from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.store import Store
 
@@ -80,6 +82,31 @@ class PaperBroker:
         if self.latency:
             await asyncio.sleep(self.latency)
         return self._store.paper_fill(client_order_id)
+
+    async def positions(self) -> list[Holding]:
+        """The paper account: every fill of ours and every outside trade, netted per symbol."""
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self._store.paper_positions()
+
+    def trade(self, symbol: str, side: str, quantity: float, price: float | None) -> Holding | None:
+        """A trade made outside tickguard (a bot, a person); at the last price without `price`.
+
+        The net position after it. BrokerRejected without any price to fill at.
+        """
+        fill = price if price is not None else self._price_of(symbol)
+        if fill is None:
+            raise BrokerRejected("", f"paper broker: no price known for {symbol}")
+        return self._store.record_paper_trade(symbol, side, quantity, fill, self._wall())
+
+    def open_if_flat(self, spec: PositionSpec) -> None:
+        """A position registered on a symbol the paper account is flat in: its entry filled
+        (SPEC 8), recorded as the opening trade at the entry price."""
+        if self._store.paper_position(spec.symbol) is None:
+            side = "buy" if spec.side is Side.LONG else "sell"
+            self._store.record_paper_trade(
+                spec.symbol, side, spec.quantity, spec.entry_price, self._wall()
+            )
 
     async def close(self) -> None:
         return None

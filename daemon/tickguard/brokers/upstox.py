@@ -17,6 +17,13 @@ Outcomes are mapped by what the caller must do:
   says nothing about whether it exists, so every failure other than "no such
   order" is BrokerUnavailable.
 
+The account (SPEC 8): `positions()` reads `GET {api}/v2/portfolio/short-term-positions`
+(one entry per instrument key and product, `quantity` net and signed) and
+answers one `Holding` per instrument key, summed over the products that count.
+Every counted entry is validated whole; one that is malformed fails the whole
+call (BrokerUnavailable): dropping it would make a held position look flat,
+and a flat look closes the guarded position as external.
+
 The access token is sent only in the Authorization header; it is never logged
 and is scrubbed from any broker text we repeat.
 """
@@ -25,13 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
+from tickguard.config import DEFAULT_ACCOUNT_PRODUCTS
 from tickguard.core import untrusted
+from tickguard.core.account import Holding
 from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.replies import BadReply, read_json
 
@@ -43,11 +53,15 @@ DEFAULT_PRODUCT = "I"  # intraday
 DEFAULT_FILL_WAIT = 5.0  # seconds place_exit waits for an accepted order to complete
 DETAILS_POLL_INTERVAL = 0.2  # seconds between order detail polls while waiting for the fill
 REQUEST_TIMEOUT = 5.0  # seconds for one HTTP exchange with Upstox
+DEFAULT_PRODUCTS = DEFAULT_ACCOUNT_PRODUCTS  # products whose positions count ([account] products)
+POSITIONS_TIMEOUT = 2.0  # seconds for one positions call: it is made right before an exit
+POSITIONS_PATH = "/v2/portfolio/short-term-positions"
 
 FILLED_STATUSES = frozenset({"complete"})
 REJECTED_STATUSES = frozenset({"rejected", "cancelled"})
 _NOT_FOUND_HINTS = ("not found", "no order", "does not exist", "invalid order id")
 _DETAIL_MAX = 300  # characters of broker text kept in a detail
+_KEY_MAX = 64  # characters of an instrument key (`NSE_EQ|INE848E01016`); longer is not one
 
 
 class UpstoxBroker:
@@ -68,6 +82,8 @@ class UpstoxBroker:
         product: str = DEFAULT_PRODUCT,
         fill_wait: float = DEFAULT_FILL_WAIT,
         poll_interval: float = DETAILS_POLL_INTERVAL,
+        products: tuple[str, ...] = DEFAULT_PRODUCTS,
+        positions_timeout: float = POSITIONS_TIMEOUT,
     ) -> None:
         self._session = session
         self._token = token
@@ -76,7 +92,8 @@ class UpstoxBroker:
         self.product = product
         self.fill_wait = fill_wait
         self.poll_interval = poll_interval
-        self._timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        self.products = products
+        self.positions_timeout = positions_timeout
 
     # -- the Broker protocol ---------------------------------------------
 
@@ -137,6 +154,30 @@ class UpstoxBroker:
         )
         return report
 
+    async def positions(self) -> list[Holding]:
+        """The account's open net positions in the counted products, one per instrument key.
+
+        BrokerUnavailable when Upstox cannot say: unreachable, no answer within
+        `positions_timeout`, any HTTP error (401/403 included: it says nothing
+        about the account), a body that is not JSON, `status` other than
+        "success", or any malformed entry of a counted product.
+        """
+        url = f"{self._api_url}{POSITIONS_PATH}"
+        fail = self._positions_unavailable
+        limit = self.positions_timeout
+        try:
+            async with asyncio.timeout(limit):  # a hard bound, the body's read included
+                status, payload = await self._exchange("GET", url, fail, timeout=limit)
+        except TimeoutError:
+            raise fail(f"GET {_path(url)}: no answer within {limit:g}s") from None
+        if status != 200:
+            detail = f"GET {POSITIONS_PATH}: HTTP {status} {_errors_text(payload)}".rstrip()
+            raise fail(f"{detail} (rate limited)" if status == 429 else detail)
+        try:
+            return holdings_from(payload, self.products)
+        except ValueError as exc:
+            raise fail(f"GET {POSITIONS_PATH}: {exc}") from None
+
     async def close(self) -> None:
         return None
 
@@ -174,6 +215,21 @@ class UpstoxBroker:
         params: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
         """One exchange: (HTTP status, decoded JSON or None). Transport trouble is Unavailable."""
+        return await self._exchange(
+            method, url, lambda detail: self._unavailable(cid, detail), body, params
+        )
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        fail: Callable[[str], BrokerUnavailable],
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        *,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> tuple[int, Any]:
+        """(HTTP status, decoded JSON or None); transport trouble and a bad 2xx body: `fail`."""
         headers = {
             "Authorization": f"Bearer {self._token}",
             "Accept": "application/json",
@@ -181,21 +237,24 @@ class UpstoxBroker:
         }
         try:
             async with self._session.request(
-                method, url, json=body, params=params, headers=headers, timeout=self._timeout
+                method,
+                url,
+                json=body,
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 status = response.status
                 payload: Any = await read_json(response)
         except TimeoutError as exc:
-            raise self._unavailable(cid, f"{method} {_path(url)}: no answer in time") from exc
+            raise fail(f"{method} {_path(url)}: no answer within {timeout:g}s") from exc
         except (aiohttp.ClientError, OSError) as exc:
             detail = str(exc) or exc.__class__.__name__
-            raise self._unavailable(cid, f"{method} {_path(url)}: {detail}") from exc
+            raise fail(f"{method} {_path(url)}: {detail}") from exc
         except BadReply as exc:
             payload = None
             if 200 <= status < 300:
-                raise self._unavailable(
-                    cid, f"{method} {_path(url)}: HTTP {status} with {exc}"
-                ) from None
+                raise fail(f"{method} {_path(url)}: HTTP {status} with {exc}") from None
         return status, payload
 
     async def _wait_for_fill(self, cid: str, order_id: str) -> OrderReport:
@@ -287,6 +346,12 @@ class UpstoxBroker:
         log.warning("upstox: order %s: %s", cid, detail)
         return BrokerUnavailable(cid, detail)
 
+    def _positions_unavailable(self, detail: str) -> BrokerUnavailable:
+        # Debug only: the caller counts the failure and logs it once per change of reason.
+        detail = self._scrub(f"upstox: positions: {detail}")
+        log.debug("%s", detail)
+        return BrokerUnavailable("", detail)
+
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "<token>") if self._token else text
 
@@ -368,3 +433,115 @@ def _positive_float(value: Any) -> float | None:
 
 def _path(url: str) -> str:
     return url.split("://", 1)[-1].split("?", 1)[0]
+
+
+# -- positions (strict: a counted entry is valid whole, or the whole answer fails) --
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One counted entry of a positions answer: an instrument key's net in one product."""
+
+    key: str
+    product: str
+    quantity: int  # net, signed
+    average_price: float | None
+
+
+def holdings_from(payload: Any, products: tuple[str, ...]) -> list[Holding]:
+    """The Holdings of a positions answer, one per instrument key, sorted; ValueError naming
+    the first thing malformed.
+
+    Entries of products outside `products` are left out unread (beyond their
+    `product`). The counted entries of one instrument key are summed into one
+    Holding; a net of 0 is flat and left out. Its average price is the
+    quantity-weighted average of the entries' averages when every entry still
+    open is on the net's side and says its average; otherwise None, "the broker
+    does not say" (an average across a long and a short means nothing, and a
+    guessed one would put stops in the wrong place). Its product is the one
+    product holding it, "" when several do (no one product to exit in).
+    """
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"the answer is not an object: {untrusted.shown(payload)}")
+    status = payload.get("status")
+    if status != "success":
+        errors = _errors_text(payload)
+        raise ValueError(f"status {untrusted.shown(status)}" + (f": {errors}" if errors else ""))
+    if "data" not in payload:
+        raise ValueError("data is missing")
+    data = payload["data"]
+    if not isinstance(data, list):
+        raise ValueError(f"data is not a list: {untrusted.shown(data)}")
+    by_key: dict[str, list[_Entry]] = {}
+    for index, raw in enumerate(data):
+        entry = _counted_entry(index, raw, products)
+        if entry is None:
+            continue
+        same = by_key.setdefault(entry.key, [])
+        if any(e.product == entry.product for e in same):
+            # One entry per key and product is documented; summing twins could double a
+            # position and size an exit through zero.
+            raise ValueError(
+                f"data[{index}]: a second entry for {entry.key} in product {entry.product}"
+            )
+        same.append(entry)
+    holdings = [_net(key, entries) for key, entries in sorted(by_key.items())]
+    return [h for h in holdings if h is not None]
+
+
+def _counted_entry(index: int, raw: Any, products: tuple[str, ...]) -> _Entry | None:
+    """The entry at data[index] if its product counts, None if not; ValueError if malformed."""
+    where = f"data[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} is not an object: {untrusted.shown(raw)}")
+    product = _field(raw, where, "product")
+    if not isinstance(product, str):
+        raise ValueError(f"{where}.product: {untrusted.shown(product)} is not a product code")
+    if product not in products:
+        return None
+    key = _field(raw, where, "instrument_token")
+    if not _is_instrument_key(key):
+        raise ValueError(
+            f"{where}.instrument_token: {untrusted.shown(key)} is not an instrument key"
+        )
+    raw_quantity = _field(raw, where, "quantity")
+    quantity = untrusted.number(raw_quantity)
+    if quantity is None or not quantity.is_integer() or abs(quantity) >= untrusted.MAX_AMOUNT:
+        raise ValueError(
+            f"{where}.quantity: {untrusted.shown(raw_quantity)} is not a whole number of shares"
+        )
+    raw_average = _field(raw, where, "average_price")
+    average = untrusted.number(raw_average)
+    if raw_average is not None and (average is None or not 0 <= average < untrusted.MAX_AMOUNT):
+        raise ValueError(f"{where}.average_price: {untrusted.shown(raw_average)} is not a price")
+    return _Entry(key, product, int(quantity), average or None)  # 0: not said
+
+
+def _field(raw: Mapping[str, Any], where: str, name: str) -> Any:
+    if name not in raw:
+        raise ValueError(f"{where}.{name} is missing")
+    return raw[name]
+
+
+def _is_instrument_key(value: Any) -> bool:
+    """`SEGMENT|identifier`, printable and short: what the feed subscribes and orders name."""
+    if not isinstance(value, str) or len(value) > _KEY_MAX or not value.isprintable():
+        return False
+    segment, bar, identifier = value.partition("|")
+    return bool(segment and bar and identifier.strip())
+
+
+def _net(key: str, entries: list[_Entry]) -> Holding | None:
+    """One Holding for an instrument key's counted entries (see `holdings_from`); None if flat."""
+    net = sum(e.quantity for e in entries)
+    if net == 0:
+        return None
+    if abs(net) >= untrusted.MAX_AMOUNT:
+        raise ValueError(f"{key}: a net quantity of {untrusted.shown(net)} is not a position")
+    open_ = [e for e in entries if e.quantity != 0]
+    average: float | None = None
+    if all((e.quantity > 0) == (net > 0) and e.average_price is not None for e in open_):
+        weighted = sum(abs(e.quantity) * (e.average_price or 0.0) for e in open_)
+        average = weighted / abs(net)
+    product = open_[0].product if len(open_) == 1 else ""
+    return Holding(key, float(net), average, product)

@@ -41,6 +41,7 @@ class ExitState(enum.Enum):
     RETRY = "retry"  # the broker was unreachable or timed out: reconcile, then resend
     FILLED = "filled"  # the broker confirmed the fill: the position is closed
     REJECTED = "rejected"  # the broker refused: no order exists
+    CANCELLED = "cancelled"  # not sent: the broker holds nothing to exit (SPEC 8)
 
     @property
     def in_flight(self) -> bool:
@@ -122,6 +123,25 @@ class Exit:
             retry_at=None,
             detail=detail,
         )
+
+    def cancelled(self, detail: str) -> Exit:
+        """Not sent after all: the account holds nothing on its side (a send that may have
+        reached the broker, SENT, is never cancelled: it is looked up)."""
+        return self._move(
+            "cancel",
+            (ExitState.PENDING, ExitState.RETRY),
+            state=ExitState.CANCELLED,
+            retry_at=None,
+            detail=detail,
+        )
+
+    def resized(self, quantity: float) -> Exit:
+        """Sized down to what the account holds, before it is sent."""
+        if not 0 < quantity <= self.quantity:
+            raise ValueError(
+                f"exit {self.client_order_id}: cannot resize {self.quantity} to {quantity}"
+            )
+        return self._move("resize", (ExitState.PENDING, ExitState.RETRY), quantity=quantity)
 
     def unavailable(self, detail: str, now: float) -> Exit:
         """The broker could not be reached or timed out: retry later, same id."""

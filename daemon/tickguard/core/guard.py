@@ -293,6 +293,47 @@ class Guard:
     def due_retries(self, now: float) -> list[Exit]:
         return [e for e in self._exits.values() if e.due(now)]
 
+    def exit_resized(self, client_order_id: str, quantity: float) -> Exit:
+        """Size an exit down to the account's holding before it is sent."""
+        exit = self._exits[client_order_id] = self._exits[client_order_id].resized(quantity)
+        return exit
+
+    def exit_cancelled(
+        self, client_order_id: str, detail: str, now: float
+    ) -> tuple[Exit, Position]:
+        """Not sent: the account holds nothing on its side. The position is open and guarded
+        again, its rules held for a while as after a refusal (reconciliation decides the rest)."""
+        exit = self._exits.pop(client_order_id).cancelled(detail)
+        return exit, self._reopen(exit, now)
+
+    # -- the account (SPEC 8) -------------------------------------------
+
+    def account_update(
+        self, symbol: str, quantity: float, entry_price: float | None, *, confirmed: bool
+    ) -> Position:
+        """An open position resized (and re-priced, when it grew) to the broker's holding."""
+        guarded = self._open(symbol)
+        position = guarded.position
+        spec = dataclasses.replace(
+            position.spec,
+            quantity=quantity,
+            entry_price=entry_price if entry_price is not None else position.spec.entry_price,
+        )
+        guarded.position = dataclasses.replace(position, spec=spec, confirmed=confirmed)
+        return guarded.position
+
+    def close_external(self, symbol: str) -> Position:
+        """An open position closed outside tickguard: no longer guarded, no order."""
+        position = self._open(symbol).position
+        del self._guarded[symbol]
+        return dataclasses.replace(position, state=PositionState.CLOSED)
+
+    def _open(self, symbol: str) -> _Guarded:
+        guarded = self._guarded[symbol]
+        if guarded.position.state is not PositionState.OPEN:
+            raise ValueError(f"{symbol} is {guarded.position.state.value}")
+        return guarded
+
     def exit_recovered(self, client_order_id: str) -> Exit:
         """Resume an exit after a crash (see `Exit.recovered`): it is looked up before any send."""
         exit = self._exits[client_order_id] = self._exits[client_order_id].recovered()
@@ -323,13 +364,16 @@ class Guard:
         not asked again on every tick.
         """
         exit = self._exits.pop(client_order_id).rejected(detail)
+        return exit, self._reopen(exit, now)
+
+    def _reopen(self, exit: Exit, now: float) -> Position:
         guarded = self._guarded[exit.symbol]
         guarded.position = dataclasses.replace(
             guarded.position, state=PositionState.OPEN, exit_id=None
         )
         hold = REJECT_HOLD_INITIAL * 2.0 ** max(0, guarded.position.exit_seq - 1)
         guarded.hold_until = now + min(REJECT_HOLD_MAX, hold)
-        return exit, guarded.position
+        return guarded.position
 
 
 __all__ = [

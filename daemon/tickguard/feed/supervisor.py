@@ -132,6 +132,7 @@ class FeedSupervisor:
         market_open: Callable[[], bool],
         rng: Uniform,
         endpoint: Callable[[], Awaitable[str]] | None = None,
+        on_connected: Callable[[], None] | None = None,
         headers: Callable[[], dict[str, str]] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -145,6 +146,7 @@ class FeedSupervisor:
         self._on_prices = on_prices
         self._market_open = market_open
         self._endpoint = endpoint
+        self._on_connected = on_connected  # told after every (re)connect (the account is re-read)
         self._headers = headers
         self._ssl = ssl_context
         self._mono = monotonic
@@ -304,6 +306,8 @@ class FeedSupervisor:
         self.connected_since = self.last_frame_at = now
         self._keepalive_failed = False
         self.backoff.connected(now)
+        if self._on_connected is not None:
+            self._on_connected()
         self.book.channel_up(PriceSource.LIVE, now)
         self.metrics.websocket_connected.set(1)
         log.info(
