@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tickguard.brokers.base import Broker
@@ -70,6 +70,8 @@ class Reconciler:
         self.last_error = ""
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()  # one read-and-apply at a time
+        # Test seam: awaited between reading the account and acting on it (the crash test).
+        self.after_read: Callable[[list[Holding]], Awaitable[None]] | None = None
 
     def trigger(self) -> None:
         """Reconcile now (the feed reconnected; a paper trade was made)."""
@@ -98,6 +100,8 @@ class Reconciler:
                 log.warning("[ACCOUNT] the broker's positions are unavailable: %s", why)
             self.last_error = why
             return False
+        if self.after_read is not None:
+            await self.after_read(holdings)
         async with self._lock:
             if self.last_error:
                 log.info("[ACCOUNT] the broker's positions are available again")

@@ -82,3 +82,43 @@ def test_sigkill_at_step_then_restart_fills_once(tmp_path: Path, step: str) -> N
     # A further restart finds nothing left to do and sends nothing more.
     again = run_to_completion(tmp_path)
     assert again["fills"] == 2 and again["exits"] == summary["exits"]
+
+
+ACCOUNT_RUNNER = Path(__file__).with_name("account_crash_runner.py")
+
+
+def test_sigkill_between_reading_flat_and_journalling_external(tmp_path: Path) -> None:
+    """Killed after the account read flat, before acting: the restart journals one external close
+    and sends nothing; a further restart changes nothing."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ACCOUNT_RUNNER), str(tmp_path), "--pause-after-read"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "AT read", (line, proc.stderr.read() if proc.stderr else "")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(ACCOUNT_RUNNER), str(tmp_path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        assert summary == {
+            "fills": 0,
+            "external": 1,
+            "positions": {"BOSCHLTD": "closed"},
+            "net": [],
+        }, summary
