@@ -521,6 +521,7 @@ async def list_exits(request: web.Request) -> web.Response:
                     "state": "closed",
                     "decided_at": datetime.fromtimestamp(at, tz).isoformat(timespec="milliseconds"),
                     "quantity": row["quantity"],
+                    "filled_quantity": None,
                     "trigger_price": None,
                     "exit_price": None,
                     "pnl": None,
@@ -553,6 +554,7 @@ async def list_exits(request: web.Request) -> web.Response:
                     "broker_order_id": live.broker_order_id,
                     "detail": live.detail,
                     "quantity": live.quantity,
+                    "filled_quantity": live.filled_quantity,
                 },
             )
         )

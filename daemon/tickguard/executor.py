@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from tickguard.brokers.base import Broker, ExitOrder, OrderReport, OrderStatus
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import ExitDecided, Guard
-from tickguard.core.positions import Position
+from tickguard.core.positions import Position, PositionState
 from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
 from tickguard.store import Store
 
@@ -208,16 +208,28 @@ class ExitExecutor:
             self._rejected(cid, report.detail or "rejected", report, elapsed)
             return
         assert report.fill_price is not None
-        exit, position = self.guard.exit_filled(cid, report.fill_price, report.broker_order_id)
-        self.store.update_exit(exit, self._wall(), report, position)
-        log.info(
-            "[EXIT] %s closed at %.2f, pnl %.2f (%s, %s)",
-            exit.symbol,
-            report.fill_price,
-            position.pnl(report.fill_price),
-            exit.reason.value,
-            exit.price_source.value,
+        exit, position = self.guard.exit_filled(
+            cid, report.fill_price, report.broker_order_id, report.filled_quantity
         )
+        self.store.update_exit(exit, self._wall(), report, position)
+        if position.state is PositionState.CLOSED:
+            log.info(
+                "[EXIT] %s closed at %.2f, pnl %.2f (%s, %s)",
+                exit.symbol,
+                report.fill_price,
+                exit.pnl(position.spec.entry_price) or 0.0,
+                exit.reason.value,
+                exit.price_source.value,
+            )
+        else:  # partly filled: the rest is exited again, under a new client order id
+            log.warning(
+                "[EXIT] %s partly filled: %g of %g at %.2f; %g remain guarded",
+                exit.symbol,
+                exit.filled_quantity or 0.0,
+                exit.quantity,
+                report.fill_price,
+                position.spec.quantity,
+            )
         self._resolve(exit, position, elapsed)
 
     def _rejected(

@@ -130,6 +130,8 @@ MIGRATIONS: tuple[str, ...] = (
     -- Who registered each position (SPEC 8: config, api, or broker by a [[rules]] entry).
     ALTER TABLE positions ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
         CHECK (origin IN ('config', 'api', 'broker'));
+    -- How much of an exit filled (less than its quantity: partly; the rest is exited again).
+    ALTER TABLE exits ADD COLUMN filled_quantity REAL;
     -- Whether the broker has shown it held (until then it is "unconfirmed").
     ALTER TABLE positions ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
     -- Positions closed outside tickguard: no order, no client order id (SPEC 8).
@@ -414,17 +416,16 @@ class Store:
         position: Position | None = None,
     ) -> None:
         """Record an exit's new state (and its position's, when that changed) in one commit."""
-        pnl = None
-        if exit.fill_price is not None and position is not None:
-            pnl = position.pnl(exit.fill_price)
+        pnl = exit.pnl(position.spec.entry_price) if position is not None else None
         with self._tx() as db:
             db.execute(
-                "UPDATE exits SET state = ?, quantity = ?, attempts = ?, fill_price = ?,"
-                " pnl = COALESCE(?, pnl), broker_order_id = ?, detail = ?, updated_at = ?"
-                " WHERE client_order_id = ?",
+                "UPDATE exits SET state = ?, quantity = ?, filled_quantity = ?, attempts = ?,"
+                " fill_price = ?, pnl = COALESCE(?, pnl), broker_order_id = ?, detail = ?,"
+                " updated_at = ? WHERE client_order_id = ?",
                 (
                     exit.state.value,
                     exit.quantity,
+                    exit.filled_quantity,
                     exit.attempts,
                     exit.fill_price,
                     pnl,
@@ -574,7 +575,11 @@ class Store:
             return None
         row = rows[0]
         return OrderReport(
-            row["client_order_id"], row["broker_order_id"], OrderStatus.FILLED, row["price"]
+            row["client_order_id"],
+            row["broker_order_id"],
+            OrderStatus.FILLED,
+            row["price"],
+            filled_quantity=row["quantity"],
         )
 
     def paper_fill_count(self, client_order_id: str | None = None) -> int:
@@ -745,6 +750,7 @@ def _exit(row: sqlite3.Row) -> Exit:
         state=ExitState(row["state"]),
         attempts=row["attempts"],
         fill_price=row["fill_price"],
+        filled_quantity=row["filled_quantity"],
         broker_order_id=row["broker_order_id"],
         detail=row["detail"],
     )

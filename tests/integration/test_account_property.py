@@ -2,7 +2,8 @@
 
 Hypothesis drives the real machinery (store, paper ledger, guard, guardian,
 executor, reconciler) through random sequences of outside trades (a bot, a
-person), price crossings, emergency closes, broker timeouts and lost replies,
+person), price crossings, emergency closes, broker timeouts, lost replies and
+partial fills,
 reconciliations and crash-restarts. After each run the paper account's trades
 are replayed: every order tickguard sent must move the net position toward
 zero, never through it, and no client order id may be filled twice.
@@ -64,7 +65,10 @@ steps = st.lists(
         ),
         st.tuples(st.just("cross"), st.sampled_from(SYMBOLS)),
         st.tuples(st.just("close"), st.sampled_from(SYMBOLS)),
-        st.tuples(st.just("fault"), st.sampled_from([PaperFault.UNAVAILABLE, PaperFault.LOST_REPLY])),
+        st.tuples(
+            st.just("fault"),
+            st.sampled_from([PaperFault.UNAVAILABLE, PaperFault.LOST_REPLY, PaperFault.PARTIAL]),
+        ),
         st.tuples(st.just("reconcile")),
         st.tuples(st.just("settle")),
         st.tuples(st.just("restart")),

@@ -987,3 +987,21 @@ async def test_an_emergency_close_of_a_position_the_account_does_not_hold_sends_
     status, body = await d.close("TITAN")
     assert status == 409 and body["error"] == "not_held", body
     assert d.daemon.store.paper_fill_count() == 0
+
+
+async def test_a_partly_filled_exit_is_exited_again_for_the_rest(
+    ticks: TickServer, start: Start
+) -> None:
+    """Half filled, the rest is exited again under a new client order id; the account ends flat."""
+    ticks.prices["LT"] = 3000.0
+    d = await start(ticks.url, **account_tables())
+    await d.open("LT", "long", 10, 3000.0, stop_loss=2900.0)
+    d.paper.faults.append(PaperFault.PARTIAL)
+    await ticks.set_price("LT", 2850.0)
+    await eventually(lambda: d.daemon.guard.position("LT") is None, what="closed in two exits")
+    exits = [e for e in (await d.call("GET", "/api/v1/exits"))[1]["exits"] if e["symbol"] == "LT"]
+    assert sorted(e["quantity"] for e in exits) == [5, 10]  # ordered
+    assert [e["filled_quantity"] for e in exits] == [5, 5]
+    assert len({e["client_order_id"] for e in exits}) == 2
+    assert all(e["state"] == "filled" for e in exits)
+    assert d.daemon.store.paper_position("LT") is None

@@ -296,6 +296,7 @@ def test_update_exit_appends_events_and_computes_pnl(
         "broker_order_id": "B-1",
         "status": "filled",
         "fill_price": fill,
+        "filled_quantity": None,
         "detail": "done",
     }
     record = store.exit_record(cid)
@@ -375,5 +376,7 @@ def test_paper_fills_are_counted_per_client_order_id(store: Store) -> None:
     assert store.paper_fill_count("B") == 1
     assert store.paper_fill_count("C") == 0
     assert store.paper_fill_count() == 3
-    assert store.paper_fill("A") == OrderReport("A", "p-1", OrderStatus.FILLED, 94.0)
+    assert store.paper_fill("A") == OrderReport(
+        "A", "p-1", OrderStatus.FILLED, 94.0, filled_quantity=10.0
+    )
     assert store.paper_fill("C") is None

@@ -40,6 +40,7 @@ class OrderReport:
     status: OrderStatus
     fill_price: float | None = None
     detail: str = ""
+    filled_quantity: float | None = None  # FILLED: None for all of the order, else how much
 
     def as_reply(self) -> dict[str, object]:
         """For the journal."""
@@ -47,6 +48,7 @@ class OrderReport:
             "broker_order_id": self.broker_order_id,
             "status": self.status.value,
             "fill_price": self.fill_price,
+            "filled_quantity": self.filled_quantity,
             "detail": self.detail,
         }
 

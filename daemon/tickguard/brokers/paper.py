@@ -31,6 +31,7 @@ class PaperFault(enum.Enum):
     REJECT = "reject"  # refuse the order: nothing is filled
     UNAVAILABLE = "unavailable"  # act unreachable: nothing is filled
     LOST_REPLY = "lost_reply"  # fill it, then act as if the reply was lost
+    PARTIAL = "partial"  # fill half of it (rounded down, at least 1) and report that
 
 
 class PaperBroker:
@@ -68,9 +69,18 @@ class PaperBroker:
         previous = self._store.paper_fill_count(cid)
         if previous:
             log.error("paper broker: order id %s filled again (duplicate #%d)", cid, previous + 1)
-        report = OrderReport(cid, f"paper-{cid}-{previous + 1}", OrderStatus.FILLED, price)
+        quantity = order.quantity
+        if fault is PaperFault.PARTIAL:
+            quantity = max(1.0, float(int(order.quantity / 2)))
+        report = OrderReport(
+            cid,
+            f"paper-{cid}-{previous + 1}",
+            OrderStatus.FILLED,
+            price,
+            filled_quantity=quantity,
+        )
         self._store.record_paper_fill(
-            report, order.symbol, order.transaction, order.quantity, self._wall()
+            report, order.symbol, order.transaction, quantity, self._wall()
         )
         if self.after_accept is not None:
             await self.after_accept(order)

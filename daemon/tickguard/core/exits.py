@@ -84,6 +84,7 @@ class Exit:
     failures: int = 0  # unanswered sends and lookups in a row: grows the retry delay
     retry_at: float | None = None  # monotonic; set in RETRY
     fill_price: float | None = None
+    filled_quantity: float | None = None  # set when filled: all of `quantity`, or less (partly)
     broker_order_id: str | None = None
     detail: str = ""
 
@@ -102,17 +103,29 @@ class Exit:
             retry_at=None,
         )
 
-    def filled(self, price: float, broker_order_id: str) -> Exit:
-        """The broker filled it (answered, or found when reconciling)."""
+    def filled(self, price: float, broker_order_id: str, quantity: float | None = None) -> Exit:
+        """The broker filled it (answered, or found when reconciling): all of it, or
+        `quantity` of it (a partial fill; the rest of the position is exited again)."""
+        done = self.quantity if quantity is None else min(max(quantity, 0.0), self.quantity)
         return self._move(
             "fill",
             (ExitState.PENDING, ExitState.SENT, ExitState.RETRY),
             state=ExitState.FILLED,
             fill_price=price,
+            filled_quantity=done,
             broker_order_id=broker_order_id,
             retry_at=None,
             detail="",
         )
+
+    def pnl(self, entry_price: float) -> float | None:
+        """(fill - entry) x filled for a long exit, (entry - fill) x filled for a short."""
+        if self.fill_price is None or self.filled_quantity is None:
+            return None
+        move = self.fill_price - entry_price
+        if self.side is Side.SHORT:
+            move = -move
+        return round(move * self.filled_quantity, 8)
 
     def rejected(self, detail: str) -> Exit:
         """The broker refused it; no order exists."""

@@ -349,13 +349,27 @@ class Guard:
         return exit
 
     def exit_filled(
-        self, client_order_id: str, price: float, broker_order_id: str
+        self,
+        client_order_id: str,
+        price: float,
+        broker_order_id: str,
+        quantity: float | None = None,
     ) -> tuple[Exit, Position]:
-        """The broker filled the exit: the position is closed and no longer guarded."""
-        exit = self._exits.pop(client_order_id).filled(price, broker_order_id)
-        guarded = self._guarded.pop(exit.symbol)
-        position = dataclasses.replace(guarded.position, state=PositionState.CLOSED)
-        return exit, position
+        """The broker filled the exit (`quantity` of it when partly). What is left of the
+        position stays guarded, open, and is exited again by the next evaluation (a new
+        client order id); with nothing left it is closed and no longer guarded."""
+        exit = self._exits.pop(client_order_id).filled(price, broker_order_id, quantity)
+        guarded = self._guarded[exit.symbol]
+        assert exit.filled_quantity is not None
+        left = round(guarded.position.spec.quantity - exit.filled_quantity, 8)
+        if left <= 0:
+            del self._guarded[exit.symbol]
+            return exit, dataclasses.replace(guarded.position, state=PositionState.CLOSED)
+        spec = dataclasses.replace(guarded.position.spec, quantity=left)
+        guarded.position = dataclasses.replace(
+            guarded.position, spec=spec, state=PositionState.OPEN, exit_id=None
+        )
+        return exit, guarded.position
 
     def exit_rejected(self, client_order_id: str, detail: str, now: float) -> tuple[Exit, Position]:
         """The broker refused: no order exists, the position is open and guarded again.

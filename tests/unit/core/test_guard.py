@@ -456,3 +456,22 @@ def test_a_resumed_exit_is_looked_up_before_any_send() -> None:
     g.exit_sending(cid)
     resumed = g.exit_recovered(cid)
     assert resumed.state is ExitState.RETRY and resumed.due(0.0) and g.exit(cid) == resumed
+
+
+def test_a_partly_filled_exit_leaves_the_rest_guarded() -> None:
+    """4 of 10 filled: 6 stay guarded and open, and the next crossing exits them anew."""
+    g = make()
+    g.book.channel_up(POLL, 0.0)
+    g.add(long(stop_loss=95), 0.0)
+    (d,) = decided(tick(g, "A", 94, 1.0, POLL))
+    cid = d.exit.client_order_id
+    g.exit_sending(cid)
+    exit, position = g.exit_filled(cid, 94.0, "B1", quantity=4.0)
+    assert exit.state is ExitState.FILLED and exit.filled_quantity == 4.0
+    assert exit.pnl(100.0) == -24.0
+    assert position.state is PositionState.OPEN and position.spec.quantity == 6.0
+    (again,) = decided(tick(g, "A", 93, 2.0, POLL))
+    assert again.exit.client_order_id != cid and again.exit.quantity == 6.0
+    g.exit_sending(again.exit.client_order_id)
+    _, closed = g.exit_filled(again.exit.client_order_id, 93.0, "B2")
+    assert closed.state is PositionState.CLOSED and g.position("A") is None
