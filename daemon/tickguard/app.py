@@ -138,6 +138,7 @@ async def build(config: Config) -> Daemon:
         guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
     )
     executor.listener = guardian.on_exit
+    executor.on_first_send = guardian.on_sent
     if isinstance(broker, PaperBroker):  # its account: a registered position's entry filled
         guardian.on_registered = broker.open_if_flat
     reconciler = Reconciler(broker, guardian, metrics, config.account, config.rules)

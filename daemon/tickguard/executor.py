@@ -63,6 +63,7 @@ class ExitExecutor:
         # How much an exit may trade, asked right before each send (SPEC 8: the account's
         # holding on its side); None: the exit's own quantity. Bounded in time; never raises.
         self.sizer: Callable[[Exit], Awaitable[float]] | None = None
+        self.on_first_send: Callable[[Exit], None] | None = None  # told once per exit, when sent
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Future[Exit]] = {}
 
@@ -172,6 +173,8 @@ class ExitExecutor:
                     self.store.update_exit(exit, self._wall())
             exit = self.guard.exit_sending(cid)
             self.store.update_exit(exit, self._wall())
+            if exit.attempts == 1 and self.on_first_send is not None:
+                self.on_first_send(exit)
             if self._checkpoint is not None:
                 await self._checkpoint("sent", exit)
             started = self._monotonic()

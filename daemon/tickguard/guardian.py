@@ -308,6 +308,10 @@ class Guardian:
             log.critical("[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc)
             self.fatal.set()
             return
+
+    def on_sent(self, exit: Exit) -> None:
+        """An exit handed to the broker for the first time (the executor's hook): counted in
+        tickguard_exits_total, which counts exits sent (one cancelled before it, is not)."""
         self.metrics.exits.labels(exit.reason.value, exit.price_source.value).inc()
 
     def _blind(self, event: BlindChanged) -> None:

@@ -987,6 +987,10 @@ async def test_an_emergency_close_of_a_position_the_account_does_not_hold_sends_
     status, body = await d.close("TITAN")
     assert status == 409 and body["error"] == "not_held", body
     assert d.daemon.store.paper_fill_count() == 0
+    sent = d.daemon.metrics.registry.get_sample_value(
+        "tickguard_exits_total", {"reason": "emergency", "price_source": "manual"}
+    )
+    assert not sent  # exits sent: this one never was
 
 
 async def test_a_partly_filled_exit_is_exited_again_for_the_rest(
