@@ -195,7 +195,14 @@ def health(d: Daemon) -> dict[str, Any]:
         for k in NETWORK_ERROR_KINDS
     )
     held_back = d.guardian.held_back  # config positions not armed: the store was lost
-    degraded = (not sup.connected) or sup.fallback_active or bool(stale) or bool(held_back)
+    unguarded = d.reconciler.unguarded()  # broker positions nobody guards
+    degraded = (
+        (not sup.connected)
+        or sup.fallback_active
+        or bool(stale)
+        or bool(held_back)
+        or bool(unguarded)
+    )
     market_now = datetime.now(UTC)
     next_change = d.market.next_change(market_now)
     return {
@@ -244,6 +251,13 @@ def health(d: Daemon) -> dict[str, Any]:
             "blind_symbols": sorted(s for s in d.guard.symbols() if d.guard.is_blind(s)),
             "held_back": held_back,
             "held_until_open": d.guard.held_for_open(),  # crossed while the market is closed
+        },
+        "account": {  # SPEC 8: the broker's positions as last reconciled
+            "reconciled_at": _iso(d.reconciler.view.reconciled_at, d)
+            if d.reconciler.view is not None
+            else None,
+            "last_error": d.reconciler.last_error,
+            "unguarded": [{"symbol": h.symbol, "quantity": h.quantity} for h in unguarded],
         },
         "exits": {
             "in_flight": len(d.guard.exits_in_flight()),

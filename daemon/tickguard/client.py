@@ -125,6 +125,10 @@ def render_health(h: dict[str, Any]) -> str:
         f"  positions {pos.get('open', 0)} open, {pos.get('exiting', 0)} exiting;"
         f" stale: {', '.join(pos.get('stale_symbols', [])) or 'none'}"
     )
+    unguarded = h.get("account", {}).get("unguarded", [])
+    if unguarded:
+        listed = ", ".join(f"{u['symbol']} {u['quantity']:g}" for u in unguarded)
+        lines.append(f"            UNGUARDED at the broker: {listed}")
     if pos.get("held_back"):
         lines.append(
             f"            NOT ARMED (the state store was lost): {', '.join(pos['held_back'])}"

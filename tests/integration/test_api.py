@@ -947,6 +947,9 @@ async def test_an_unguarded_broker_position_is_reported(ticks: TickServer, start
     )
     (holding,) = (await d.call("GET", "/api/v1/account"))[1]["positions"]
     assert holding["guarded"] is False
+    health = (await d.call("GET", "/api/v1/monitoring/connection-health"))[1]
+    assert health["account"]["unguarded"] == [{"symbol": "HDFCBANK", "quantity": 3.0}]
+    assert health["status"] == "degraded"
     assert "tickguard_unguarded_positions 1.0" in (await d.call("GET", "/metrics"))[1]
 
 
