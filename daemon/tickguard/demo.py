@@ -4,9 +4,11 @@ Starts the market simulator and the daemon (paper broker, SQLite in a
 temporary state dir) as child processes, registers sample positions through
 the API, then scripts a feed outage while a live view shows what the daemon
 sees: the socket goes silent (a zombie), the REST poll takes over and a stop
-fires on a poll price; then the network path is cut (black hole) and the poll
-with it, so prices come from the cache, and an exit fires on a cached price;
-finally the feed comes back.
+fires on a poll price; the bot closes a position itself (a paper trade), the
+daemon's reconciliation closes it as `external`, and when its stop then crosses
+on the poll, no order goes out; then the network path is cut (black hole) and
+the poll with it, so prices come from the cache, and an exit fires on a cached
+price; finally the feed comes back.
 
 Ctrl-C (or SIGTERM, or a hangup) stops it at once in any scene: the script is
 cancelled, the daemon and then the simulator are stopped within a bound, a short
@@ -45,6 +47,10 @@ DAEMON_STOP_WAIT = 1.2  # seconds a SIGTERMed daemon gets to close its API and s
 SIM_STOP_WAIT = 0.3  # seconds a SIGTERMed simulator gets (it has nothing to save); then SIGKILL
 TAIL_WAIT = 0.3  # seconds the daemon's log tail gets to read the last lines once it is gone
 HTTP_TIMEOUT = 10.0  # seconds for any one API call of the demo (all of them loopback)
+RECONCILE_INTERVAL = 1.0  # the demo daemon's [account] reconcile_interval
+ACCOUNT_WAIT = 3 * RECONCILE_INTERVAL  # seconds the bot's trade gets to show as an [ACCOUNT] close
+SEEN_WAIT = 2.0  # seconds the daemon gets to see a price the demo set (4 poll intervals)
+SEEN_EVERY = 0.2  # seconds between the demo's looks at the daemon's price of it
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EVENT_PREFIXES = (
     "[SL]",
@@ -56,6 +62,7 @@ EVENT_PREFIXES = (
     "[RECONNECT]",
     "[DNS]",
     "[FEED]",
+    "[ACCOUNT]",
 )
 CONFIG = """\
 [daemon]
@@ -69,7 +76,7 @@ token_file = "{token_file}"
 [feed]
 url = "ws://127.0.0.1:{port}/ws"
 fallback_url = "http://127.0.0.1:{port}/prices"
-symbols = ["TCS"]
+symbols = ["TCS", "ADANIENT"]  # ADANIENT: its price still reaches the daemon once it is closed
 ping_interval = 1.0
 ping_timeout = 1.0
 silence_timeout = 3.0
@@ -94,6 +101,9 @@ sweep_interval = 0.5
 
 [market]
 always_open = true
+
+[account]
+reconcile_interval = {reconcile_interval}
 """
 
 
@@ -115,7 +125,9 @@ class Demo:
         self.phase = "starting"
         self.tail: asyncio.Task[None] | None = None
         self.viewer: asyncio.Task[None] | None = None
-        self.exits: list[str] = []  # the daemon's [EXIT] lines, for an interrupted run's summary
+        self.exits: list[str] = []  # [EXIT] and external-close lines, for an interrupted summary
+        self.external: set[str] = set()  # symbols the daemon said were closed outside tickguard
+        self.external_seen = asyncio.Event()  # set at each such line
         self.last_view = ""  # the live view's headline, likewise
         self.interrupted = asyncio.Event()
         self.caught: signal.Signals | None = None
@@ -163,7 +175,12 @@ class Demo:
         token_file.chmod(0o600)
         config = self.state / "config.toml"
         config.write_text(
-            CONFIG.format(state=self.state / "state", token_file=token_file, port=port)
+            CONFIG.format(
+                state=self.state / "state",
+                token_file=token_file,
+                port=port,
+                reconcile_interval=RECONCILE_INTERVAL,
+            )
         )
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
         self.daemon = await _spawn(
@@ -195,10 +212,14 @@ class Demo:
                     self.api_url = f"http://{m.group(1)}:{m.group(2)}"
                     self.api_ready.set()
                 message = text.split(": ", 1)[1] if ": " in text else text
-                if message.startswith("[EXIT]"):
-                    self.exits.append(message)
                 if message.startswith(EVENT_PREFIXES) or text.startswith(("ERROR", "CRITICAL")):
                     self.say(f"  tickguard | {message}")
+                external = re.match(r"\[ACCOUNT\] (\S+) closed outside tickguard", message)
+                if message.startswith("[EXIT]") or external:
+                    self.exits.append(message)
+                if external:
+                    self.external.add(external.group(1))
+                    self.external_seen.set()
 
     async def stop(self) -> None:
         """Stop the live view, then the daemon, then the simulator, each within a bound.
@@ -245,7 +266,7 @@ class Demo:
             {"symbol": "BOSCHLTD", "side": "long", "quantity": 10, "entry_price": round(b, 2),
              "stop_loss": round(b * 0.99, 2), "take_profit": round(b * 1.05, 2)},
             {"symbol": "ADANIENT", "side": "short", "quantity": 25, "entry_price": round(a, 2),
-             "stop_loss": round(a * 1.03, 2), "trailing_stop": round(a * 0.01, 2)},
+             "stop_loss": round(a * 1.03, 2), "trailing_stop": round(a * 0.02, 2)},
             {"symbol": "RELIANCE", "side": "long", "quantity": 40, "entry_price": round(r, 2),
              "stop_loss": round(r * 0.95, 2), "take_profit": round(r * 1.05, 2)},
         ]  # fmt: skip
@@ -260,9 +281,11 @@ class Demo:
              lambda: self.sim_call("/faults", {"mode": "silence"})),
             (14, "BOSCHLTD drops through its stop; only the REST poll can see it",
              lambda: self.sim_call("/prices/BOSCHLTD", {"price": round(b * 0.985, 2)})),
-            (20, "the network path is cut (black hole): socket and poll both silent",
+            (17, "the bot closes ADANIENT itself (a paper trade), then its stop crosses",
+             lambda: self._closed_outside(positions[1])),
+            (21, "the network path is cut (black hole): socket and poll both silent",
              lambda: self.sim_call("/faults", {"mode": "blackhole"})),
-            (27, "the bot adds a RELIANCE long whose stop the last cached price already breaches",
+            (28, "the bot adds a RELIANCE long whose stop the last cached price already breaches",
              lambda: self._cached_exit(r)),
             (36, "the network comes back", lambda: self.sim_call("/faults", {"mode": "none"})),
         ]  # fmt: skip
@@ -275,6 +298,61 @@ class Demo:
             self.say(f"== {text}")
             await action()
         await self._until(self.duration)
+
+    async def _closed_outside(self, position: dict[str, Any]) -> None:
+        """The bot closes `position` on the paper account; once tickguard has reconciled it
+        away, its stop crosses on the poll and tickguard sends nothing."""
+        symbol, quantity, stop = position["symbol"], position["quantity"], position["stop_loss"]
+        _, pos = await self.api("GET", "/api/v1/positions")
+        if symbol not in {p["symbol"] for p in pos["positions"]}:
+            self.say(f"  ({symbol} is no longer guarded: there is nothing for the bot to close)")
+            return
+        side = "buy" if position["side"] == "short" else "sell"
+        status, after = await self.api(
+            "POST", "/api/v1/paper/trades", {"symbol": symbol, "side": side, "quantity": quantity}
+        )
+        held = f": the paper account holds {after['quantity']:g}" if status == 201 else ""
+        self.say(
+            f"  the bot {side}s {quantity} {symbol} (POST /api/v1/paper/trades, HTTP {status}){held}"
+        )
+        if not await self._external(symbol, ACCOUNT_WAIT):
+            self.say(
+                f"  (no [ACCOUNT] line for {symbol} within {ACCOUNT_WAIT:g}s: its stop is left alone)"
+            )
+            return
+        crossed = round(stop * (1.005 if position["side"] == "short" else 0.995), 2)
+        await self.sim_call(f"/prices/{symbol}", {"price": crossed})
+        self.say(f"  {symbol} moves to {crossed}, through its stop {stop}")
+        source = await self._seen(symbol, crossed, SEEN_WAIT)
+        seen = (
+            f"sees {crossed} on the {source}"
+            if source
+            else f"has not seen {crossed} within {SEEN_WAIT:g}s"
+        )
+        self.say(f"  tickguard {seen} and sends nothing: {symbol} was closed outside tickguard")
+
+    async def _external(self, symbol: str, within: float) -> bool:
+        """Whether the daemon says, within `within` seconds, that it closed `symbol` as external."""
+        try:
+            async with asyncio.timeout(within):
+                while symbol not in self.external:
+                    self.external_seen.clear()
+                    await self.external_seen.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _seen(self, symbol: str, price: float, within: float) -> str | None:
+        """The source of the daemon's price of `symbol` once it is `price`; None if not within."""
+        deadline = time.monotonic() + within
+        while True:
+            _, health = await self.api("GET", "/api/v1/monitoring/connection-health")
+            quote = health["price_cache"]["cache_entries"].get(symbol) or {}
+            if quote.get("price") == price:
+                return str(quote["source"])
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(SEEN_EVERY)
 
     async def _cached_exit(self, reliance_entry: float) -> None:
         status, _ = await self.api("DELETE", "/api/v1/positions/RELIANCE")
@@ -347,6 +425,11 @@ class Demo:
         _, exits = await self.api("GET", "/api/v1/exits")
         self.say("exits (from the journal):")
         for e in reversed(exits["exits"]):
+            if e["client_order_id"] is None:  # closed outside tickguard: no order was sent
+                self.say(
+                    f"  {e['symbol']:<9} {e['reason']:<13} no order, no client order id -> {e['state']}: {e['detail']}"
+                )
+                continue
             price = "-" if e["exit_price"] is None else f"{e['exit_price']:.2f}"
             pnl = "-" if e["pnl"] is None else f"{e['pnl']:.2f}"
             self.say(

@@ -29,8 +29,9 @@ GONE_TIMEOUT = 1.0  # seconds a stopped process may take to vanish from /proc af
 INTERRUPT_DURATION = "30"  # the shortest run with the whole timeline (demo.MIN_TIMELINE)
 
 
-def test_demo_shows_the_outage_and_both_fallback_exits() -> None:
-    """A short demo registers positions, fires a stop on a poll price and one on a cached price."""
+def test_demo_shows_the_outage_both_fallback_exits_and_an_outside_close() -> None:
+    """A short demo fires a stop on a poll price and one on a cached price, and sends nothing
+    for a position the bot closed itself (closed as external) when its stop then crosses."""
     done = subprocess.run(
         [sys.executable, "-m", "tickguard", "demo", "--duration", "30"],
         capture_output=True,
@@ -47,6 +48,12 @@ def test_demo_shows_the_outage_and_both_fallback_exits() -> None:
     assert "[EXIT] RELIANCE" in out and "(stop_loss, cache)" in out
     assert "BOSCHLTD  stop_loss     on a poll  price -> filled" in out
     assert "RELIANCE  stop_loss     on a cache price -> filled" in out
+    assert "== the bot closes ADANIENT itself" in out
+    assert "[ACCOUNT] ADANIENT closed outside tickguard: broker holds 0" in out
+    assert "tickguard sees " in out and " on the poll and sends nothing" in out
+    assert "ADANIENT  external      no order, no client order id -> closed" in out
+    assert out.count("closed at") == 2, out  # [EXIT] BOSCHLTD and RELIANCE; no order for ADANIENT
+    assert not any(f"[{rule}] ADANIENT" in out for rule in ("SL", "TRAIL", "EXIT")), out
     assert "/metrics" in out and "connection-health" in out and "reconnects" in out
     assert out.rstrip().endswith("demo finished; the temporary state was removed")
 
@@ -207,6 +214,7 @@ SCENES = {
     "starting": ("starting the simulator and the daemon",),
     "live": ("registered long RELIANCE",),
     "silence": ("== the feed goes silent", "[FALLBACK] socket down"),
+    "outside close": ("== the bot closes ADANIENT", "[ACCOUNT] ADANIENT closed outside tickguard"),
     "black hole": ("== the network path is cut", "[FALLBACK] poll of 127.0.0.1 failed"),
     "recovery": ("== the network comes back", "[FALLBACK] live data is back"),
 }
