@@ -178,6 +178,7 @@ async def build(config: Config) -> Daemon:
         endpoint=endpoint,
         on_connected=reconciler.trigger,
     )
+    reconciler.subscribe = supervisor.subscribe_more
     poller = None
     if poll is not None:
         poller = FallbackPoller(

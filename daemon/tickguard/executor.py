@@ -169,8 +169,8 @@ class ExitExecutor:
                     self._cancelled(cid)
                     return
                 if allowed < exit.quantity:
-                    exit = self.guard.exit_resized(cid, allowed)
-                    self.store.update_exit(exit, self._wall())
+                    exit, position = self.guard.exit_resized(cid, allowed)
+                    self.store.update_exit(exit, self._wall(), None, position)
             exit = self.guard.exit_sending(cid)
             self.store.update_exit(exit, self._wall())
             if exit.attempts == 1 and self.on_first_send is not None:

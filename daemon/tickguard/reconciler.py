@@ -72,6 +72,8 @@ class Reconciler:
         self._lock = asyncio.Lock()  # one read-and-apply at a time
         # Test seam: awaited between reading the account and acting on it (the crash test).
         self.after_read: Callable[[list[Holding]], Awaitable[None]] | None = None
+        # Extends the live subscription to imported symbols (the feed supervisor's).
+        self.subscribe: Callable[[], Awaitable[None]] | None = None
 
     def trigger(self) -> None:
         """Reconcile now (the feed reconnected; a paper trade was made)."""
@@ -108,12 +110,15 @@ class Reconciler:
             self.last_error = ""
             wall = self._wall()
             self.view = AccountView({h.symbol: h for h in holdings if h.quantity}, wall)
-            self._apply(self.view, wall)
+            imported = self._apply(self.view, wall)
             self.metrics.reconcile_last_success.set(wall)
             self.metrics.unguarded_positions.set(len(self.unguarded()))
+        if imported and self.subscribe is not None:
+            await self.subscribe()  # an imported symbol needs live prices like any other
         return True
 
-    def _apply(self, view: AccountView, wall: float) -> None:
+    def _apply(self, view: AccountView, wall: float) -> int:
+        """Act on the view; the number of positions imported."""
         guard = self.guardian.guard
         for position in guard.positions():
             if position.state is not PositionState.OPEN:
@@ -127,8 +132,9 @@ class Reconciler:
             )
             broker_quantity = holding.quantity if holding is not None else 0.0
             self.guardian.apply_account(position.symbol, verdict, broker_quantity)
+        imported = 0
         if self.account.source != "broker":
-            return
+            return imported
         for holding in self.unguarded():
             rule = first_rule(self.rules, holding.symbol)
             spec = rule.spec_for(holding) if rule is not None else None
@@ -140,6 +146,8 @@ class Reconciler:
                 self.guardian.add(spec, source="broker")
             except PositionExists:
                 continue
+            imported += 1
+        return imported
 
     def _recently_closed(self, symbol: str, wall: float) -> bool:
         closed_at = self.guardian.store.closed_at(symbol)

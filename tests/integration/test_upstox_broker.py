@@ -15,7 +15,7 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,7 @@ class FakeUpstox:
         self.missing_as_error = False  # history of an unknown tag: 400 (True) or empty data
         self.lookup_status: int | None = None  # answer history requests with this HTTP status
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request
+        self.arrivals: list[float] = []  # time.monotonic() each request arrived, as `requests`
         self.place_bodies: list[Any] = []  # every place body received, as decoded JSON
         self.place_headers: list[dict[str, str]] = []
         self.orders: dict[str, FakeOrder] = {}
@@ -151,12 +152,15 @@ class FakeUpstox:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, routes: Sequence[web.RouteDef] = ()) -> None:
+        """Serve on 127.0.0.1:0; `routes`: more endpoints of the same host (behind the same
+        token check), e.g. the feed fake's authorize and LTP, which Upstox serves there too."""
         app = web.Application(middlewares=[self._auth])
         app.router.add_post("/v3/order/place", self._place)
         app.router.add_get("/v2/order/details", self._details)
         app.router.add_get("/v2/order/history", self._history)
         app.router.add_get(POSITIONS_PATH, self._positions)
+        app.router.add_routes(routes)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -173,6 +177,7 @@ class FakeUpstox:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
+        self.arrivals.append(time.monotonic())
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response(error_body(INVALID_TOKEN), status=401)
         return await handler(request)

@@ -293,10 +293,14 @@ class Guard:
     def due_retries(self, now: float) -> list[Exit]:
         return [e for e in self._exits.values() if e.due(now)]
 
-    def exit_resized(self, client_order_id: str, quantity: float) -> Exit:
-        """Size an exit down to the account's holding before it is sent."""
+    def exit_resized(self, client_order_id: str, quantity: float) -> tuple[Exit, Position]:
+        """Size an exit down to the account's holding before it is sent: the position is
+        that holding now, so a full fill of the exit closes it."""
         exit = self._exits[client_order_id] = self._exits[client_order_id].resized(quantity)
-        return exit
+        guarded = self._guarded[exit.symbol]
+        spec = dataclasses.replace(guarded.position.spec, quantity=quantity)
+        guarded.position = dataclasses.replace(guarded.position, spec=spec)
+        return exit, guarded.position
 
     def exit_cancelled(
         self, client_order_id: str, detail: str, now: float

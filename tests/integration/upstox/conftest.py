@@ -18,20 +18,26 @@ Anything the client does that Upstox would not accept (a text frame, a `sub`
 that breaks the documented shape) is recorded and fails the test at teardown.
 
 Tests run with `--import-mode=importlib`: test modules reach all of this
-through the fixtures `upstox_feed_server` and `upstox_feed`.
+through the fixtures `upstox_feed_server` and `upstox_feed`, and the broker
+fake of tests/integration/test_upstox_broker.py (orders and the account)
+through `upstox_broker_fakes` and `fake_upstox`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import random
 import secrets
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -167,6 +173,14 @@ class UpstoxFeedServer:
         for ws in self.connections:
             if not ws.closed:
                 await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"going away")
+
+    def rest_routes(self) -> list[web.RouteDef]:
+        """The authorize and LTP endpoints, for the broker fake to serve too: Upstox serves
+        them on its API host beside the positions and order lookups."""
+        return [
+            web.get("/v3/feed/market-data-feed/authorize", self._authorize),
+            web.get("/v3/market-quote/ltp", self._ltp),
+        ]
 
     async def close(self) -> None:
         """Close the sockets and stop serving; raise what the client did wrong."""
@@ -323,6 +337,48 @@ async def upstox_feed_server() -> AsyncIterator[UpstoxFeedServerFactory]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+# ---------------------------------------------------------------------------
+# The broker fake (orders and the account), on the same API host as authorize and LTP
+
+BROKER_FAKES = Path(__file__).parent.parent / "test_upstox_broker.py"
+
+
+@pytest.fixture(scope="session")
+def upstox_broker_fakes() -> ModuleType:
+    """tests/integration/test_upstox_broker.py as a module: `FakeUpstox`, `TOKEN`, ..."""
+    name = "tickguard_upstox_broker_fakes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BROKER_FAKES)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+FakeUpstoxFactory = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def fake_upstox(upstox_broker_fakes: ModuleType) -> AsyncIterator[FakeUpstoxFactory]:
+    """`await fake_upstox(feed_server)`: a started `FakeUpstox` that also serves the feed
+    server's authorize and LTP (start the feed server with the fake's `TOKEN`); closed at
+    teardown."""
+    fakes: list[Any] = []
+
+    async def start(feed_server: UpstoxFeedServer | None = None) -> Any:
+        fake = upstox_broker_fakes.FakeUpstox()
+        fakes.append(fake)
+        await fake.start(feed_server.rest_routes() if feed_server is not None else ())
+        return fake
+
+    try:
+        yield start
+    finally:
+        for fake in fakes:
+            await fake.close()
 
 
 # ---------------------------------------------------------------------------
