@@ -829,12 +829,16 @@ def account_tables(**account: Any) -> dict[str, Any]:
     return {"account": {"reconcile_interval": 0.1, **account}}
 
 
-async def paper_trade(d: Running, symbol: str, side: str, quantity: float) -> dict[str, Any]:
-    status, body = await d.call(
-        "POST", "/api/v1/paper/trades", {"symbol": symbol, "side": side, "quantity": quantity}
-    )
-    assert status == 201, body
-    return body  # type: ignore[no-any-return]
+async def paper_trade(
+    d: Running, symbol: str, side: str, quantity: float, price: float | None = None
+) -> dict[str, Any]:
+    """POST a paper trade (at the last price without `price`); it must answer 201."""
+    body: dict[str, Any] = {"symbol": symbol, "side": side, "quantity": quantity}
+    if price is not None:
+        body["price"] = price
+    status, answer = await d.call("POST", "/api/v1/paper/trades", body)
+    assert status == 201, answer
+    return answer  # type: ignore[no-any-return]
 
 
 async def test_registering_a_position_fills_its_entry_on_the_paper_account(
@@ -940,7 +944,7 @@ async def test_a_broker_position_a_rule_matches_is_guarded(ticks: TickServer, st
 async def test_an_unguarded_broker_position_is_reported(ticks: TickServer, start: Start) -> None:
     """With source config, a broker position nobody registered is unguarded, in metrics and API."""
     d = await start(ticks.url, **account_tables())
-    await paper_trade_at(d, "HDFCBANK", "buy", 3, 1600.0)
+    await paper_trade(d, "HDFCBANK", "buy", 3, 1600.0)
     await eventually(
         lambda: [h.symbol for h in d.daemon.reconciler.unguarded()] == ["HDFCBANK"],
         what="reported unguarded",
@@ -951,12 +955,6 @@ async def test_an_unguarded_broker_position_is_reported(ticks: TickServer, start
     assert health["account"]["unguarded"] == [{"symbol": "HDFCBANK", "quantity": 3.0}]
     assert health["status"] == "degraded"
     assert "tickguard_unguarded_positions 1.0" in (await d.call("GET", "/metrics"))[1]
-
-
-async def paper_trade_at(d: Running, symbol: str, side: str, quantity: float, price: float) -> None:
-    body = {"symbol": symbol, "side": side, "quantity": quantity, "price": price}
-    status, answer = await d.call("POST", "/api/v1/paper/trades", body)
-    assert status == 201, answer
 
 
 @pytest.mark.parametrize(

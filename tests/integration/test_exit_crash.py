@@ -14,9 +14,9 @@ import pytest
 RUNNER = Path(__file__).with_name("exit_crash_runner.py")
 
 
-def run_to_completion(state_dir: Path) -> dict[str, object]:
+def run_to_completion(state_dir: Path, runner: Path = RUNNER) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, str(RUNNER), str(state_dir)],
+        [sys.executable, str(runner), str(state_dir)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -27,17 +27,15 @@ def run_to_completion(state_dir: Path) -> dict[str, object]:
     return summary
 
 
-def kill_at(state_dir: Path, step: str) -> None:
+def kill_when_it_says(argv: list[str], marker: str) -> None:
+    """Run `argv` (a runner), SIGKILL it once it prints `marker` (it then waits forever)."""
     proc = subprocess.Popen(
-        [sys.executable, str(RUNNER), str(state_dir), "--pause-at", step],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the runner reaches the step
-        assert line.strip() == f"AT {step}", (line, proc.stderr.read() if proc.stderr else "")
+        assert line.strip() == marker, (line, proc.stderr.read() if proc.stderr else "")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
@@ -47,6 +45,10 @@ def kill_at(state_dir: Path, step: str) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def kill_at(state_dir: Path, step: str) -> None:
+    kill_when_it_says([str(RUNNER), str(state_dir), "--pause-at", step], f"AT {step}")
 
 
 def assert_exactly_once(summary: dict[str, object]) -> None:
@@ -90,32 +92,9 @@ ACCOUNT_RUNNER = Path(__file__).with_name("account_crash_runner.py")
 def test_sigkill_between_reading_flat_and_journalling_external(tmp_path: Path) -> None:
     """Killed after the account read flat, before acting: the restart journals one external close
     and sends nothing; a further restart changes nothing."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ACCOUNT_RUNNER), str(tmp_path), "--pause-after-read"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "AT read", (line, proc.stderr.read() if proc.stderr else "")
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+    kill_when_it_says([str(ACCOUNT_RUNNER), str(tmp_path), "--pause-after-read"], "AT read")
     for _ in range(2):
-        done = subprocess.run(
-            [sys.executable, str(ACCOUNT_RUNNER), str(tmp_path)],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        summary = run_to_completion(tmp_path, ACCOUNT_RUNNER)
         assert summary == {
             "fills": 0,
             "external": 1,
