@@ -89,7 +89,8 @@ class FallbackPoller:
             try:
                 await self._poll_once()
             except RateLimited as exc:
-                delay = max(delay, exc.retry_after)
+                # Retry-After counts from the answer, not from when we asked.
+                started, delay = self._mono(), max(delay, exc.retry_after)
                 self._failed(f"rate limited (HTTP 429), next poll in {delay:g}s")
             except TimeoutError:
                 self._failed(f"no answer within {max(1.0, self.interval):g}s")
