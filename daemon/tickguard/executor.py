@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from tickguard.brokers.base import Broker, ExitOrder, OrderReport, OrderStatus
+from tickguard.brokers.base import Broker
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import ExitDecided, Guard
+from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import Position, PositionState
 from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
 from tickguard.store import Store

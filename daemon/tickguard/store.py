@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tickguard.brokers.base import OrderReport, OrderStatus
 from tickguard.core.account import Holding, apply_trade
 from tickguard.core.exits import Exit, ExitState
+from tickguard.core.orders import OrderReport, OrderStatus
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceSource
 from tickguard.errors import PositionExists, StoreError

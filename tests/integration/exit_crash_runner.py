@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from tickguard.brokers.base import ExitOrder
 from tickguard.brokers.paper import PaperBroker, PaperFault
 from tickguard.core.exits import Exit
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
+from tickguard.core.orders import ExitOrder
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import CRASH_POINTS, ExitExecutor, recover

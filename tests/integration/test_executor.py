@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
 from tickguard.brokers.paper import PaperBroker, PaperFault
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
+from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import Checkpoint, ExitExecutor, Listener, recover

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tickguard.brokers.base import OrderReport, OrderStatus
 from tickguard.core.exits import Exit, ExitState
+from tickguard.core.orders import OrderReport, OrderStatus
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceSource
 from tickguard.errors import StoreError

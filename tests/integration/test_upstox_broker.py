@@ -24,11 +24,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tickguard.brokers.base import ExitOrder, OrderStatus
 from tickguard.brokers.upstox import DEFAULT_PRODUCTS, POSITIONS_TIMEOUT, UpstoxBroker
 from tickguard.core.account import Holding
 from tickguard.core.exits import ExitState
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
+from tickguard.core.orders import ExitOrder, OrderStatus
 from tickguard.core.positions import PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.errors import BrokerRejected, BrokerUnavailable

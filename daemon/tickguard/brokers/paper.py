@@ -18,8 +18,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.account import Holding
+from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.store import Store

@@ -38,10 +38,10 @@ from typing import Any
 
 import aiohttp
 
-from tickguard.brokers.base import ExitOrder, OrderReport, OrderStatus
 from tickguard.config import DEFAULT_ACCOUNT_PRODUCTS
 from tickguard.core import untrusted
 from tickguard.core.account import Holding
+from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.replies import BadReply, read_json
 
