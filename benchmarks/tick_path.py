@@ -4,7 +4,7 @@
 
 Measures the per-tick work of the live path without the network: decoding a
 `json` frame, updating the price book, and evaluating the guarded positions
-the frame touched (what FeedSupervisor._receive and Guardian.on_prices do).
+the frame touched (what FeedSupervisor._receive and GuardLoop.on_prices do).
 Prints figures; asserts nothing (numbers depend on the machine).
 """
 

@@ -44,7 +44,7 @@ from tickguard.core.positions import (
 from tickguard.core.prices import Freshness, Quote
 from tickguard.core.untrusted import amount, parse_json, shown
 from tickguard.errors import BrokerRejected, PositionExists, StoreError
-from tickguard.guardian import CloseOutcome
+from tickguard.guard_loop import CloseOutcome
 from tickguard.http_server import CONNECTIONS, DEFAULT_LIMITS, LIMITS
 from tickguard.log_limit import LogRateLimit
 from tickguard.metrics import NETWORK_ERROR_KINDS
@@ -194,7 +194,7 @@ def health(d: Daemon) -> dict[str, Any]:
         m.registry.get_sample_value("tickguard_websocket_network_errors_total", {"kind": k}) or 0
         for k in NETWORK_ERROR_KINDS
     )
-    held_back = d.guardian.held_back  # config positions not armed: the store was lost
+    held_back = d.guard_loop.held_back  # config positions not armed: the store was lost
     unguarded = d.reconciler.unguarded()  # broker positions nobody guards
     degraded = (
         (not sup.connected)
@@ -237,7 +237,7 @@ def health(d: Daemon) -> dict[str, Any]:
             "last_error": d.poller.last_error if d.poller else "",
         },
         "market": {
-            "open": d.guardian.market_open,
+            "open": d.guard_loop.market_open,
             "timezone": d.config.market.timezone,
             "next_change": next_change.astimezone(d.market.tz).isoformat(timespec="seconds")
             if next_change
@@ -287,8 +287,8 @@ def _round(value: float) -> float | None:
 
 async def healthz(request: web.Request) -> web.Response:
     d = request.app[DAEMON]
-    last = d.guardian.last_sweep_at
-    limit = max(5.0, 5 * d.guardian.sweep_interval)
+    last = d.guard_loop.last_sweep_at
+    limit = max(5.0, 5 * d.guard_loop.sweep_interval)
     if last is None or d.monotonic() - last > limit:
         raise ApiError(503, "guard_stalled", f"the guard loop made no progress for over {limit:g}s")
     return json_response({"status": "ok"})
@@ -303,8 +303,8 @@ async def readyz(request: web.Request) -> web.Response:
         if not q.usable:
             age = "no price yet" if q.price is None else f"price {q.age:.0f}s old"
             reasons.append(f"{symbol}: no usable price ({age})")
-    if d.guardian.held_back:
-        held = ", ".join(d.guardian.held_back)
+    if d.guard_loop.held_back:
+        held = ", ".join(d.guard_loop.held_back)
         reasons.append(f"config positions not armed, the state store was lost: {held}")
     if reasons:
         raise ApiError(503, "not_ready", "; ".join(reasons), reasons=reasons)
@@ -335,7 +335,7 @@ async def emergency_close_position(request: web.Request) -> web.Response:
     if not isinstance(symbol, str) or not symbol:
         raise ApiError(400, "bad_request", "symbol: expected a non-empty string")
     reason = _reason(body.get("reason", "emergency"))
-    d.guardian.audit(
+    d.guard_loop.audit(
         "emergency_close", {"symbol": symbol, "reason": reason.value, "remote": request.remote}
     )
     result, status = await close_one(d, symbol, reason)
@@ -348,7 +348,7 @@ async def emergency_close_all(request: web.Request) -> web.Response:
     _only(body, ("reason",))
     reason = _reason(body.get("reason", "emergency"))
     symbols = [p.symbol for p in d.guard.positions() if p.state is PositionState.OPEN]
-    d.guardian.audit(
+    d.guard_loop.audit(
         "emergency_close_all",
         {"symbols": symbols, "reason": reason.value, "remote": request.remote},
     )
@@ -376,7 +376,7 @@ async def close_one(d: Daemon, symbol: str, reason: ExitReason) -> tuple[dict[st
         return _error(
             409, "conflict", f"{symbol} is already exiting", symbol=symbol, state="exiting"
         )
-    outcome: CloseOutcome = d.guardian.close(symbol, reason)
+    outcome: CloseOutcome = d.guard_loop.close(symbol, reason)
     try:
         async with asyncio.timeout(d.close_wait):
             exit = await d.executor.first_outcome(outcome.exit.client_order_id)
@@ -486,7 +486,7 @@ async def add_position(request: web.Request) -> web.Response:
     if d.guard.position(spec.symbol) is not None:
         raise ApiError(409, "conflict", f"{spec.symbol} already has an open position")
     # PositionExists (a duplicate the store caught) is a 409; any other StoreError a 503.
-    position = d.guardian.add(spec, source=f"api {request.remote}")
+    position = d.guard_loop.add(spec, source=f"api {request.remote}")
     await d.supervisor.subscribe_more()
     return json_response(position_json(position, d, d.monotonic()), status=201)
 
@@ -509,7 +509,7 @@ async def delete_position(request: web.Request) -> web.Response:
         raise ApiError(
             409, "conflict", f"{symbol} is exiting; it cannot be dropped", state="exiting"
         )
-    removed = d.guardian.remove(symbol, source=f"api {request.remote}")
+    removed = d.guard_loop.remove(symbol, source=f"api {request.remote}")
     return json_response(
         {"status": "success", "symbol": symbol, "id": removed.id, "state": "closed"}
     )
@@ -631,7 +631,7 @@ async def paper_trade(request: web.Request) -> web.Response:
     if problems:
         raise ApiError(400, "bad_request", "; ".join(problems))
     assert isinstance(symbol, str) and isinstance(side, str) and quantity is not None
-    d.guardian.audit("paper_trade", {k: body.get(k) for k in PAPER_TRADE_FIELDS})
+    d.guard_loop.audit("paper_trade", {k: body.get(k) for k in PAPER_TRADE_FIELDS})
     try:
         after = d.broker.trade(symbol, side, quantity, amount(price))
     except BrokerRejected as exc:

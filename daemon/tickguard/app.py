@@ -1,6 +1,6 @@
 """The composition root: the one place that builds the world and runs it.
 
-config -> store -> broker -> price book -> guard -> executor -> guardian ->
+config -> store -> broker -> price book -> guard -> executor -> guard_loop ->
 feed supervisor and fallback poll -> HTTP API -> systemd notifier.
 
 Shutdown (SIGTERM/SIGINT): stop the API, let exits in flight finish (bounded),
@@ -42,7 +42,7 @@ from tickguard.feed.protocol import FeedProtocol, PollSource
 from tickguard.feed.supervisor import OPEN_TIMEOUT, FeedSupervisor
 from tickguard.feed.upstox import UpstoxProtocol, authorize
 from tickguard.feed.upstox import poll_source as upstox_poll_source
-from tickguard.guardian import Guardian
+from tickguard.guard_loop import GuardLoop
 from tickguard.http_server import ApiServer
 from tickguard.metrics import AgeCollector, Metrics
 from tickguard.reconciler import Reconciler
@@ -69,7 +69,7 @@ class Daemon:
     guard: Guard
     broker: Broker
     executor: ExitExecutor
-    guardian: Guardian
+    guard_loop: GuardLoop
     market: MarketCalendar
     resolver: ResolverChain
     supervisor: FeedSupervisor
@@ -134,14 +134,14 @@ async def build(config: Config) -> Daemon:
     executor = ExitExecutor(guard, store, broker)
     m = config.market
     market = MarketCalendar(m.zone(), m.sessions, m.weekdays, m.holidays, m.always_open)
-    guardian = Guardian(
+    guard_loop = GuardLoop(
         guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
     )
-    executor.listener = guardian.on_exit
-    executor.on_first_send = guardian.on_sent
+    executor.listener = guard_loop.on_exit
+    executor.on_first_send = guard_loop.on_sent
     if isinstance(broker, PaperBroker):  # its account: a registered position's entry filled
-        guardian.on_registered = broker.open_if_flat
-    reconciler = Reconciler(broker, guardian, metrics, config.account, config.rules)
+        guard_loop.on_registered = broker.open_if_flat
+    reconciler = Reconciler(broker, guard_loop, metrics, config.account, config.rules)
     executor.sizer = reconciler.exit_quantity  # SPEC 8: no exit larger than the account holds
 
     def subscriptions() -> set[str]:
@@ -172,8 +172,8 @@ async def build(config: Config) -> Daemon:
         book=book,
         metrics=metrics,
         symbols=subscriptions,
-        on_prices=guardian.on_prices,
-        market_open=lambda: guardian.market_open,
+        on_prices=guard_loop.on_prices,
+        market_open=lambda: guard_loop.market_open,
         rng=random.Random(),
         endpoint=endpoint,
         on_connected=reconciler.trigger,
@@ -189,7 +189,7 @@ async def build(config: Config) -> Daemon:
             book=book,
             metrics=metrics,
             symbols=subscriptions,
-            on_prices=guardian.on_prices,
+            on_prices=guard_loop.on_prices,
         )
     daemon = Daemon(
         config=config,
@@ -199,7 +199,7 @@ async def build(config: Config) -> Daemon:
         guard=guard,
         broker=broker,
         executor=executor,
-        guardian=guardian,
+        guard_loop=guard_loop,
         market=market,
         resolver=resolver,
         supervisor=supervisor,
@@ -232,7 +232,7 @@ async def build(config: Config) -> Daemon:
 async def run(config: Config, *, stop: asyncio.Event | None = None, rearm: bool = False) -> int:
     """Run the daemon until `stop` is set (or SIGTERM/SIGINT). Returns the exit code.
 
-    `rearm`: arm the config's positions even though the store was lost (see Guardian.recover).
+    `rearm`: arm the config's positions even though the store was lost (see GuardLoop.recover).
     """
     daemon = await build(config)
     daemon.rearm = rearm
@@ -243,7 +243,7 @@ async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
     """Run a built daemon until `stop` is set (or SIGTERM/SIGINT), then close it.
 
     Returns the exit code. Tests reach into the daemon (its broker's faults,
-    its guardian) between `build` and `serve`.
+    its guard_loop) between `build` and `serve`.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -265,8 +265,8 @@ async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
 
 
 async def _serve(d: Daemon, stop: asyncio.Event) -> int:
-    d.guardian.recover(d.config.positions, rearm=d.rearm)
-    d.guardian.sweep()  # the guard loop has run once before READY
+    d.guard_loop.recover(d.config.positions, rearm=d.rearm)
+    d.guard_loop.sweep()  # the guard loop has run once before READY
     host, port = d.config.http.host, d.config.http.port
     # Connection, time and log bounds of the API: see tickguard.http_server.
     server = ApiServer(build_app(d), host, port, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
@@ -279,12 +279,15 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     log.info("[HTTP] listening on %s:%d", bound[0], bound[1])
     if d.token is None:
         log.warning("[HTTP] no API token configured: mutating routes answer 503")
-    failed = d.guardian.fatal  # set when the journal fails or a task keeps crashing
+    failed = d.guard_loop.fatal  # set when the journal fails or a task keeps crashing
     d.tasks = [
         _keep_running(d, "feed", d.supervisor.run, failed),
-        _keep_running(d, "guard", d.guardian.run, failed),
+        _keep_running(d, "guard", d.guard_loop.run, failed),
         _keep_running(
-            d, "watchdog", lambda: d.notifier.watchdog(lambda: d.guardian.sweeps, d.metrics), failed
+            d,
+            "watchdog",
+            lambda: d.notifier.watchdog(lambda: d.guard_loop.sweeps, d.metrics),
+            failed,
         ),
         _keep_running(d, "lag", lambda: measure_lag(d.metrics), failed),
         _keep_running(d, "status", lambda: _status_loop(d), failed),
@@ -309,7 +312,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
         task.cancel()
     await asyncio.gather(*d.tasks, return_exceptions=True)
     await d.executor.cancel_all()
-    d.guardian.save_all()
+    d.guard_loop.save_all()
     return code
 
 
@@ -350,7 +353,7 @@ def status_line(d: Daemon) -> str:
     now = d.monotonic()
     stale = sum(1 for p in positions if d.guard.quote(p.symbol, now).freshness.value != "fresh")
     line = f"{feed}; {len(positions)} positions guarded, {stale} stale"
-    if not d.guardian.market_open:
+    if not d.guard_loop.market_open:
         held = len(d.guard.held_for_open())
         line += "; market closed" + (f", {held} held until the open" if held else "")
     return line

@@ -126,14 +126,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """`tickguard status [--url URL]`: 0 healthy, 1 degraded, 2 unreachable."""
-    from tickguard import client
+    from tickguard import api_client as client
 
     return client.status(client.api_url(args.url))
 
 
 def cmd_close(args: argparse.Namespace) -> int:
     """`tickguard close SYMBOL [--reason R] [--url URL] [--token-file F]`: 0, 1 or 2."""
-    from tickguard import client
+    from tickguard import api_client as client
 
     token = client.read_token(args.token_file)
     return client.close(client.api_url(args.url), args.symbol, args.reason, token)

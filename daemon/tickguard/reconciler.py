@@ -28,7 +28,7 @@ from tickguard.core.account import ExitRule, Holding, exit_size, first_rule, rec
 from tickguard.core.exits import Exit
 from tickguard.core.positions import PositionState
 from tickguard.errors import BrokerError, PositionExists
-from tickguard.guardian import Guardian
+from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Reconciler:
     def __init__(
         self,
         broker: Broker,
-        guardian: Guardian,
+        guard_loop: GuardLoop,
         metrics: Metrics,
         account: AccountConfig,
         rules: tuple[ExitRule, ...] = (),
@@ -61,7 +61,7 @@ class Reconciler:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.broker = broker
-        self.guardian = guardian
+        self.guard_loop = guard_loop
         self.metrics = metrics
         self.account = account
         self.rules = rules
@@ -119,7 +119,7 @@ class Reconciler:
 
     def _apply(self, view: AccountView, wall: float) -> int:
         """Act on the view; the number of positions imported."""
-        guard = self.guardian.guard
+        guard = self.guard_loop.guard
         for position in guard.positions():
             if position.state is not PositionState.OPEN:
                 continue  # an exit is in flight: its own pre-send check sizes it
@@ -131,7 +131,7 @@ class Reconciler:
                 confirm_within=self.account.confirm_within,
             )
             broker_quantity = holding.quantity if holding is not None else 0.0
-            self.guardian.apply_account(position.symbol, verdict, broker_quantity)
+            self.guard_loop.apply_account(position.symbol, verdict, broker_quantity)
         imported = 0
         if self.account.source != "broker":
             return imported
@@ -143,14 +143,14 @@ class Reconciler:
                 # the broker may not show that yet: reported as unguarded, not imported.
                 continue
             try:
-                self.guardian.add(spec, source="broker")
+                self.guard_loop.add(spec, source="broker")
             except PositionExists:
                 continue
             imported += 1
         return imported
 
     def _recently_closed(self, symbol: str, wall: float) -> bool:
-        closed_at = self.guardian.store.closed_at(symbol)
+        closed_at = self.guard_loop.store.closed_at(symbol)
         quarantine = max(IMPORT_QUARANTINE, 3 * self.account.reconcile_interval)
         return closed_at is not None and wall - closed_at < quarantine
 
@@ -159,7 +159,7 @@ class Reconciler:
         holds on the position's side. The executor's `sizer`."""
         if not self.last_error:  # a failing endpoint is not waited for
             await self.reconcile(PRESEND_TIMEOUT)
-        position = self.guardian.guard.position(exit.symbol)
+        position = self.guard_loop.guard.position(exit.symbol)
         if position is None:
             return 0.0
         view = self.view
@@ -179,5 +179,5 @@ class Reconciler:
         """Open broker positions that no guarded position covers (SPEC 8: reported)."""
         if self.view is None:
             return []
-        guarded = set(self.guardian.guard.symbols())
+        guarded = set(self.guard_loop.guard.symbols())
         return [h for s, h in sorted(self.view.holdings.items()) if s not in guarded]

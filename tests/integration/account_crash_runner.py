@@ -28,7 +28,7 @@ from tickguard.core.market import MarketCalendar
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import ExitExecutor
-from tickguard.guardian import Guardian
+from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
 from tickguard.reconciler import Reconciler
 from tickguard.store import Store
@@ -41,18 +41,20 @@ async def main(state_dir: Path, pause: bool) -> None:
     store = Store.in_dir(state_dir)
     book = PriceBook(stale_warning=30.0, cache_timeout=300.0)
     book.channel_up(PriceSource.POLL, time.monotonic())
-    guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id=store.install_id)
+    guard = Guard(
+        book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id=store.install_id
+    )
     broker = PaperBroker(store, lambda s: 440.0)
     executor = ExitExecutor(guard, store, broker)
     metrics = Metrics(CollectorRegistry())
-    guardian = Guardian(guard, store, executor, metrics, ALWAYS_OPEN, sweep_interval=1.0)
-    executor.listener = guardian.on_exit
-    guardian.on_registered = broker.open_if_flat
-    reconciler = Reconciler(broker, guardian, metrics, AccountConfig("config", 1.0, 60.0, ()))
+    guard_loop = GuardLoop(guard, store, executor, metrics, ALWAYS_OPEN, sweep_interval=1.0)
+    executor.listener = guard_loop.on_exit
+    guard_loop.on_registered = broker.open_if_flat
+    reconciler = Reconciler(broker, guard_loop, metrics, AccountConfig("config", 1.0, 60.0, ()))
     executor.sizer = reconciler.exit_quantity
-    guardian.recover([])
+    guard_loop.recover([])
     if not store.positions(active_only=False):
-        guardian.add(SPEC, source="api")
+        guard_loop.add(SPEC, source="api")
         assert await reconciler.reconcile(5.0)  # the broker shows it held: confirmed
         store.record_paper_trade("BOSCHLTD", "sell", 10, 480.0, time.time())  # the bot
 
@@ -65,7 +67,7 @@ async def main(state_dir: Path, pause: bool) -> None:
         reconciler.after_read = hold
     assert await reconciler.reconcile(5.0)
     book.update("BOSCHLTD", 440.0, None, PriceSource.POLL, time.monotonic())
-    guardian.evaluate(["BOSCHLTD"])
+    guard_loop.evaluate(["BOSCHLTD"])
     await executor.drain(10.0)
     summary = {
         "fills": store.paper_fill_count(),

@@ -1,6 +1,6 @@
 """The account invariant under random interleavings (SPEC 8): no order through zero, none twice.
 
-Hypothesis drives the real machinery (store, paper ledger, guard, guardian,
+Hypothesis drives the real machinery (store, paper ledger, guard, guard_loop,
 executor, reconciler) through random sequences of outside trades (a bot, a
 person), price crossings, emergency closes, broker timeouts, lost replies and
 partial fills,
@@ -37,7 +37,7 @@ from tickguard.core.positions import ExitReason, PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.errors import PositionExists
 from tickguard.executor import ExitExecutor
-from tickguard.guardian import Guardian
+from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
 from tickguard.reconciler import Reconciler
 from tickguard.store import Store
@@ -83,7 +83,7 @@ class Rig:
 
     store: Store
     book: PriceBook
-    guardian: Guardian
+    guard_loop: GuardLoop
     executor: ExitExecutor
     broker: PaperBroker
     reconciler: Reconciler
@@ -102,14 +102,14 @@ class Rig:
         broker = PaperBroker(store, price_of)
         executor = ExitExecutor(guard, store, broker, order_timeout=1.0)
         metrics = Metrics(CollectorRegistry())
-        guardian = Guardian(guard, store, executor, metrics, ALWAYS_OPEN, sweep_interval=1.0)
-        executor.listener = guardian.on_exit
-        guardian.on_registered = broker.open_if_flat
-        reconciler = Reconciler(broker, guardian, metrics, ACCOUNT)
+        guard_loop = GuardLoop(guard, store, executor, metrics, ALWAYS_OPEN, sweep_interval=1.0)
+        executor.listener = guard_loop.on_exit
+        guard_loop.on_registered = broker.open_if_flat
+        reconciler = Reconciler(broker, guard_loop, metrics, ACCOUNT)
         if presend:
             executor.sizer = reconciler.exit_quantity
-        guardian.recover([])
-        return cls(store, book, guardian, executor, broker, reconciler)
+        guard_loop.recover([])
+        return cls(store, book, guard_loop, executor, broker, reconciler)
 
     async def crash(self) -> None:
         """Die at once: exits in flight stop wherever they are (the store keeps what it had)."""
@@ -133,7 +133,7 @@ async def play(state: Path, sequence: list[Step], presend: bool) -> None:
 
 async def do(rig: Rig, step: Step) -> None:
     kind = step[0]
-    g = rig.guardian
+    g = rig.guard_loop
     if kind == "register":
         _, symbol, side, quantity = step
         assert isinstance(symbol, str) and isinstance(side, str) and isinstance(quantity, int)
@@ -232,6 +232,7 @@ def test_no_order_ever_takes_a_position_through_zero(sequence: list[Step]) -> No
 @pytest.mark.slow
 def test_without_the_pre_send_check_a_reversal_is_found() -> None:
     """The same search, with the check before each send removed, finds an order through zero."""
+
     @PROPERTY
     @given(steps)
     def unchecked(sequence: list[Step]) -> None:
@@ -240,4 +241,3 @@ def test_without_the_pre_send_check_a_reversal_is_found() -> None:
     with pytest.raises(AssertionError, match="took the net from") as raised:
         unchecked()
     print(f"\nwithout the pre-send check: {raised.value}")
-

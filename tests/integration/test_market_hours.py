@@ -1,6 +1,6 @@
 """No orders while the market is closed, on a real calendar with an injected clock (SPEC 4a).
 
-The guardian, its store, the executor and the paper broker are real; only the
+The guard_loop, its store, the executor and the paper broker are real; only the
 clocks are the test's, so the open, the close and a holiday are crossed on cue.
 """
 
@@ -22,7 +22,7 @@ from tickguard.core.market import MarketCalendar
 from tickguard.core.positions import ExitReason, PositionSpec, Side
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import ExitExecutor
-from tickguard.guardian import Guardian
+from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
 from tickguard.store import Store
 
@@ -55,7 +55,7 @@ class Clock:
 class World:
     clock: Clock
     book: PriceBook
-    guardian: Guardian
+    guard_loop: GuardLoop
     executor: ExitExecutor
     store: Store
 
@@ -63,11 +63,11 @@ class World:
         """A poll price received at `when`, then judged as the poller would."""
         self.clock.at(when)
         self.book.update("BOSCHLTD", value, None, PriceSource.POLL, self.clock.mono)
-        self.guardian.on_prices(["BOSCHLTD"], PriceSource.POLL)
+        self.guard_loop.on_prices(["BOSCHLTD"], PriceSource.POLL)
 
     def sweep(self, when: datetime) -> None:
         self.clock.at(when)
-        self.guardian.sweep()
+        self.guard_loop.sweep()
 
     def exits(self) -> int:
         return len(self.store.exits())
@@ -82,7 +82,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     guard = Guard(book, blind_policy=BlindPolicy.HOLD, blind_after=300.0, install_id="t")
     broker = PaperBroker(store, lambda s: 640.0)
     executor = ExitExecutor(guard, store, broker)
-    guardian = Guardian(
+    guard_loop = GuardLoop(
         guard,
         store,
         executor,
@@ -92,10 +92,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         monotonic=lambda: clock.mono,
         wall=lambda: clock.wall,
     )
-    executor.listener = guardian.on_exit
-    w = World(clock, book, guardian, executor, store)
+    executor.listener = guard_loop.on_exit
+    w = World(clock, book, guard_loop, executor, store)
     w.clock.at(datetime(2026, 12, 2, 8, 0, tzinfo=IST))
-    guardian.add(SPEC, source="test")
+    guard_loop.add(SPEC, source="test")
     yield w
     await executor.drain(5.0)
     await executor.cancel_all()
@@ -121,7 +121,7 @@ async def test_before_the_open_a_crossing_is_held_and_said_once(
         "[SL] BOSCHLTD: price 640.00 <= SL 650.00 (FALLBACK) via poll, 0s old;"
         " market closed: held until the open"
     ]
-    assert world.guardian.guard.held_for_open() == ["BOSCHLTD"]
+    assert world.guard_loop.guard.held_for_open() == ["BOSCHLTD"]
 
 
 async def test_at_the_open_the_first_price_received_after_it_fires(world: World) -> None:
@@ -131,7 +131,7 @@ async def test_at_the_open_the_first_price_received_after_it_fires(world: World)
     world.sweep(ist(2, 9, 15, 0))
     world.sweep(ist(2, 9, 15, 1))
     assert world.exits() == 0
-    assert world.guardian.guard.held_for_open() == []
+    assert world.guard_loop.guard.held_for_open() == []
     world.price(641.0, ist(2, 9, 15, 2))
     (record,) = world.store.exits()
     assert record.exit.trigger_price == 641.0
@@ -149,7 +149,7 @@ async def test_at_the_close_a_crossing_is_held(world: World) -> None:
     world.sweep(ist(2, 15, 29, 58))
     world.price(640.0, ist(2, 15, 30, 0))
     world.sweep(ist(2, 15, 30, 0))
-    assert world.exits() == 0 and world.guardian.guard.held_for_open() == ["BOSCHLTD"]
+    assert world.exits() == 0 and world.guard_loop.guard.held_for_open() == ["BOSCHLTD"]
 
 
 async def test_a_holiday_is_closed_all_day(world: World) -> None:
@@ -158,8 +158,8 @@ async def test_a_holiday_is_closed_all_day(world: World) -> None:
     world.price(640.0, ist(3, 11, 0, 1))
     world.sweep(ist(3, 11, 0, 2))
     assert world.exits() == 0
-    assert not world.guardian.market_open
-    assert world.guardian.guard.held_for_open() == ["BOSCHLTD"]
+    assert not world.guard_loop.market_open
+    assert world.guard_loop.guard.held_for_open() == ["BOSCHLTD"]
     # The next trading day's open acts on the first price after it.
     world.sweep(ist(4, 9, 15, 0))
     world.price(639.0, ist(4, 9, 15, 1))
@@ -169,5 +169,5 @@ async def test_a_holiday_is_closed_all_day(world: World) -> None:
 async def test_an_emergency_close_is_sent_while_closed(world: World) -> None:
     """A manual close goes to the broker at any hour."""
     world.sweep(ist(2, 20, 0, 0))
-    outcome = world.guardian.close("BOSCHLTD", ExitReason.EMERGENCY)
+    outcome = world.guard_loop.close("BOSCHLTD", ExitReason.EMERGENCY)
     assert outcome.created and world.exits() == 1

@@ -404,7 +404,7 @@ async def test_stalled_guard_loop_stops_the_daemon_pings(
         await notify.wait_count("WATCHDOG=1", 3, 5.0)
         no_progress.pings_at.clear()
         # The guard loop keeps running but makes no progress.
-        monkeypatch.setattr(daemon.guardian, "sweep", lambda: None)
+        monkeypatch.setattr(daemon.guard_loop, "sweep", lambda: None)
         await no_progress.wait_lines(4, 5.0)
         assert len(set(no_progress.pings_at)) == 1, no_progress.pings_at
         monkeypatch.undo()  # the real sweep again (and the environment back)

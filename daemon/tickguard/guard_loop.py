@@ -63,7 +63,7 @@ class CloseOutcome:
     created: bool  # False: the exit was already in flight (or done)
 
 
-class Guardian:
+class GuardLoop:
     def __init__(
         self,
         guard: Guard,
@@ -191,9 +191,7 @@ class Guardian:
         changed = quantity != position.spec.quantity or not position.confirmed
         if not changed:
             return
-        updated = self.guard.account_update(
-            symbol, quantity, verdict.entry_price, confirmed=True
-        )
+        updated = self.guard.account_update(symbol, quantity, verdict.entry_price, confirmed=True)
         self.store.save_positions([updated], wall)
         if quantity != position.spec.quantity:
             log.warning(
