@@ -1,12 +1,18 @@
-"""The HTTP API (SPEC section 4): health, emergency close, positions, exits, metrics.
+"""The HTTP API (docs/api.md): health, emergency close, positions, exits, metrics.
+
+Handlers hold a `Port` (tickguard.port) and nothing else of the daemon: reads
+come from its snapshots, changes are its actions, run on the guard loop. They
+run on the API's own thread (tickguard.http_server), so no request, however
+many, takes the guard loop's time beyond what the port bounds.
 
 JSON in and out. Mutating routes need `Authorization: Bearer <token>`,
 compared in constant time as bytes (a header that is not UTF-8 is just a wrong
-token); with no token configured they answer 503. Every error has the SPEC's
+token); with no token configured they answer 503. Every error has the documented
 shape `{"status": "error", "error": code, "message": ...}`: a body that cannot
 be read or parsed (bad JSON, nested too deep, a bad Content-Encoding) is a 400,
 one that does not arrive in time a 408, a state store that fails a 503
-(`store_unavailable`; its path stays in the log). Every JSON answer goes through
+(`store_unavailable`; its path stays in the log), more actions than the port
+takes at once a 503 `overloaded` with Retry-After. Every JSON answer goes through
 `dumps`: strict JSON (RFC 8259), a non-finite number becomes null. Every
 mutating call is written to the audit log.
 
@@ -22,15 +28,16 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime, tzinfo
+from functools import cache, lru_cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
-from tickguard.brokers.paper import PaperBroker
-from tickguard.core.exits import Exit, ExitState
+from tickguard.core.exits import ExitState
 from tickguard.core.positions import (
     POSITION_FIELDS,
     SYMBOL_EXPECTED,
@@ -44,18 +51,16 @@ from tickguard.core.positions import (
 from tickguard.core.prices import Freshness, Quote
 from tickguard.core.untrusted import amount, parse_json, shown
 from tickguard.errors import BrokerRejected, PositionExists, StoreError
-from tickguard.guard_loop import CloseOutcome
 from tickguard.http_server import CONNECTIONS, DEFAULT_LIMITS, LIMITS
 from tickguard.log_limit import LogRateLimit
-from tickguard.metrics import NETWORK_ERROR_KINDS
-
-if TYPE_CHECKING:
-    from tickguard.app import Daemon
+from tickguard.port import Closing, NoPosition, NotPaper, Overloaded, Port, PositionExiting
+from tickguard.status import Snapshot
 
 log = logging.getLogger(__name__)
 log.addFilter(LogRateLimit())  # every line here is caused by a request
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+PORT: web.AppKey[Port] = web.AppKey("port")
+RETRY_AFTER = 1  # s, told to a client refused with 503 overloaded
 MAX_BODY = 64 * 1024
 CLOSE_REASONS = ("stop_loss", "take_profit", "emergency")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -97,6 +102,8 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         body = {"status": "error", "error": self.code, "message": self.message, **self.extra}
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.code == "overloaded":
+            headers = {"Retry-After": str(RETRY_AFTER)}
         response = json_response(body, status=self.status, headers=headers)
         if self.status == 408:
             response.force_close()  # the rest of the body may still come: not a next request
@@ -111,6 +118,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return exc.response()
     except PositionExists as exc:
         return ApiError(409, "conflict", str(exc), symbol=exc.symbol).response()
+    except NoPosition as exc:
+        return ApiError(404, "not_found", f"no open position for {exc.symbol}").response()
+    except PositionExiting as exc:
+        message = f"{exc.symbol} is exiting; it cannot be closed again or dropped"
+        return ApiError(409, "conflict", message, symbol=exc.symbol, state="exiting").response()
+    except NotPaper as exc:
+        return ApiError(404, "not_found", str(exc)).response()
+    except Overloaded as exc:
+        return ApiError(503, "overloaded", str(exc)).response()
     except StoreError as exc:  # the message names the store's path: the log only
         log.error("API %s %s: state store failed: %s", request.method, shown(request.path), exc)
         return ApiError(
@@ -134,7 +150,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in ("POST", "PUT", "PATCH", "DELETE") and request.path.startswith("/api/"):
-        token = request.app[DAEMON].token
+        token = request.app[PORT].token
         if not token:
             raise ApiError(503, "no_token", "no API token is configured (http.token_file)")
         # aiohttp decodes header bytes that are not UTF-8 as surrogates: back to the same bytes.
@@ -145,11 +161,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def build_app(daemon: Daemon) -> web.Application:
+def build_app(port: Port, registry: CollectorRegistry) -> web.Application:
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY
     )
-    app[DAEMON] = daemon
+    app[PORT] = port
+    app.router.add_get("/metrics", _metrics(port, registry))
+
     r = app.router
     r.add_get("/api/v1/monitoring/connection-health", connection_health)
     r.add_post("/api/v1/monitoring/emergency-close-position", emergency_close_position)
@@ -161,7 +179,6 @@ def build_app(daemon: Daemon) -> web.Application:
     r.add_get("/api/v1/account", account)
     r.add_post("/api/v1/paper/trades", paper_trade)
     r.add_get("/api/v1/openapi.json", openapi)
-    r.add_get("/metrics", metrics)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     return app
@@ -170,98 +187,114 @@ def build_app(daemon: Daemon) -> web.Application:
 # -- monitoring ---------------------------------------------------------------
 
 
+def _metrics(port: Port, registry: CollectorRegistry) -> Handler:
+    """GET /metrics: client_python's own aiohttp handler (format negotiation, compression),
+    rendered once for every scrape waiting, not once each.
+
+    A scrape is answered with a rendering begun after it arrived; scrapes that
+    arrive together wait for one snapshot (port.snapshot) and then share one
+    rendering (the process collector alone reads five /proc files a time).
+    """
+    scrape = make_aiohttp_handler(registry)
+    rendered: dict[tuple[str, ...], tuple[float, int, dict[str, str], bytes]] = {}
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        arrived = port.now()
+        await port.snapshot()  # fresh ages for the age collector, which reads port.latest()
+        key = (request.headers.get("Accept", ""), request.query_string)
+        cached = rendered.get(key)
+        if cached is None or cached[0] < arrived:
+            at = port.now()
+            response = await scrape(request)
+            assert isinstance(response, web.Response) and response.body is not None
+            body = bytes(response.body)  # type: ignore[arg-type]
+            rendered.clear()  # one variant kept: memory stays bounded whatever the keys
+            rendered[key] = cached = (at, response.status, dict(response.headers), body)
+        _, status, headers, body = cached
+        response = web.Response(status=status, headers=headers, body=body)
+        response.enable_compression()
+        return response
+
+    return metrics
+
+
 async def connection_health(request: web.Request) -> web.Response:
-    document = health(request.app[DAEMON])
+    port = request.app[PORT]
+    document = health(await port.snapshot(), port.now())
     connections = request.app.get(CONNECTIONS)
     if connections is not None:  # served by http_server.ApiServer
         document["http"] = connections.snapshot()
     return json_response(document)
 
 
-def health(d: Daemon) -> dict[str, Any]:
-    """The connection-health document (SPEC 4 and 4c, plus our sections)."""
-    now = d.monotonic()
-    sup, m = d.supervisor, d.metrics
-    cache = {}
-    for symbol in sorted(d.book.symbols()):
-        q = d.guard.quote(symbol, now)
-        cache[symbol] = quote_json(q)
-    guarded = [d.guard.quote(s, now) for s in d.guard.symbols()]
-    positions = d.guard.positions()
+def health(s: Snapshot, now: float) -> dict[str, Any]:
+    """The connection-health document (docs/api.md) of snapshot `s`, ages at `now`."""
+    feed, account = s.feed, s.account
+    cache = {symbol: quote_json(s.quote(symbol, now)) for symbol in sorted(s.prices.symbols())}
+    guarded = s.guarded_quotes(now)
     stale = sorted(q.symbol for q in guarded if q.freshness is not Freshness.FRESH)
     unusable = sorted(q.symbol for q in guarded if not q.usable)
-    network_errors = sum(
-        m.registry.get_sample_value("tickguard_websocket_network_errors_total", {"kind": k}) or 0
-        for k in NETWORK_ERROR_KINDS
-    )
-    held_back = d.guard_loop.held_back  # config positions not armed: the store was lost
-    unguarded = d.reconciler.unguarded()  # broker positions nobody guards
     degraded = (
-        (not sup.connected)
-        or sup.fallback_active
+        (not feed.connected)
+        or feed.fallback_active
         or bool(stale)
-        or bool(held_back)
-        or bool(unguarded)
+        or bool(s.held_back)
+        or bool(account.unguarded)
     )
-    market_now = datetime.now(UTC)
-    next_change = d.market.next_change(market_now)
+    change = s.next_market_change
     return {
-        "timestamp": market_now.astimezone(d.market.tz).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(s.tz).isoformat(timespec="seconds"),
         "status": "degraded" if degraded else "healthy",
         "websocket": {
-            "connected": sup.connected,
-            "state": sup.state.value,
-            "subscribed_symbols": len(sup.subscribed) if sup.connected else len(d.subscriptions()),
-            "reconnect_attempts": int(
-                m.registry.get_sample_value("tickguard_websocket_reconnect_attempts_total") or 0
-            ),
-            "network_errors": int(network_errors),
-            "current_streak": sup.streak(),
-            "last_error": sup.last_error,
-            "address": sup.address,
-            "last_frame_age_seconds": _age(now, sup.last_frame_at),
-            "connected_for_seconds": _age(now, sup.connected_since),
+            "connected": feed.connected,
+            "state": feed.state,
+            "subscribed_symbols": feed.subscribed,
+            "reconnect_attempts": feed.reconnect_attempts,
+            "network_errors": feed.network_errors,
+            "current_streak": feed.streak,
+            "last_error": feed.last_error,
+            "address": feed.address,
+            "last_frame_age_seconds": _age(now, feed.last_frame_at),
+            "connected_for_seconds": _age(now, feed.connected_since),
         },
         "price_cache": {"cached_symbols": len(cache), "cache_entries": cache},
         "dns": {
-            "primary_failed": d.resolver.primary_failed,
-            "last_stage": d.resolver.last.stage if d.resolver.last else None,
-            "resolved_via": d.resolver.last.via if d.resolver.last else None,
-            "last_error": d.resolver.last_error,
+            "primary_failed": s.dns.primary_failed,
+            "last_stage": s.dns.last_stage,
+            "resolved_via": s.dns.resolved_via,
+            "last_error": s.dns.last_error,
         },
         "fallback": {
-            "active": sup.fallback_active,
-            "configured": d.poller is not None,
-            "polling": d.poller.polling if d.poller else False,
-            "last_success_age_seconds": _age(now, d.poller.last_success) if d.poller else None,
-            "last_error": d.poller.last_error if d.poller else "",
+            "active": feed.fallback_active,
+            "configured": s.poll is not None,
+            "polling": s.poll.polling if s.poll else False,
+            "last_success_age_seconds": _age(now, s.poll.last_success_at) if s.poll else None,
+            "last_error": s.poll.last_error if s.poll else "",
         },
         "market": {
-            "open": d.guard_loop.market_open,
-            "timezone": d.config.market.timezone,
-            "next_change": next_change.astimezone(d.market.tz).isoformat(timespec="seconds")
-            if next_change
+            "open": s.market_open,
+            "timezone": str(s.tz),
+            "next_change": change.astimezone(s.tz).isoformat(timespec="seconds")
+            if change
             else None,
         },
         "positions": {
-            "open": sum(1 for p in positions if p.state is PositionState.OPEN),
-            "exiting": sum(1 for p in positions if p.state is PositionState.EXITING),
+            "open": s.count(PositionState.OPEN),
+            "exiting": s.count(PositionState.EXITING),
             "stale_symbols": stale,
             "unusable_symbols": unusable,
-            "blind_symbols": sorted(s for s in d.guard.symbols() if d.guard.is_blind(s)),
-            "held_back": held_back,
-            "held_until_open": d.guard.held_for_open(),  # crossed while the market is closed
+            "blind_symbols": sorted(s.guard.blind),
+            "held_back": list(s.held_back),  # config positions not armed: the store was lost
+            "held_until_open": list(s.guard.held_for_open),  # crossed while the market is closed
         },
-        "account": {  # SPEC 8: the broker's positions as last reconciled
-            "reconciled_at": _iso(d.reconciler.view.reconciled_at, d)
-            if d.reconciler.view is not None
-            else None,
-            "last_error": d.reconciler.last_error,
-            "unguarded": [{"symbol": h.symbol, "quantity": h.quantity} for h in unguarded],
+        "account": {  # docs/account.md: the broker's positions as last reconciled
+            "reconciled_at": _iso(account.reconciled_at, s),
+            "last_error": account.last_error,
+            "unguarded": [{"symbol": h.symbol, "quantity": h.quantity} for h in account.unguarded],
         },
         "exits": {
-            "in_flight": len(d.guard.exits_in_flight()),
-            "retrying": sum(1 for e in d.guard.exits_in_flight() if e.state is ExitState.RETRY),
+            "in_flight": len(s.guard.exits_in_flight),
+            "retrying": s.guard.retrying,
         },
     }
 
@@ -285,107 +318,91 @@ def _round(value: float) -> float | None:
     return round(value, 3) if math.isfinite(value) else None
 
 
+def _iso(wall: float | None, s: Snapshot) -> str | None:
+    return None if wall is None else _iso_in(wall, s.tz)
+
+
+@lru_cache(maxsize=256)  # one reconciliation time shown on every position of a list
+def _iso_in(wall: float, tz: tzinfo) -> str:
+    return datetime.fromtimestamp(wall, tz).isoformat(timespec="milliseconds")
+
+
 async def healthz(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
-    last = d.guard_loop.last_sweep_at
-    limit = max(5.0, 5 * d.guard_loop.sweep_interval)
-    if last is None or d.monotonic() - last > limit:
+    port = request.app[PORT]
+    s = await port.snapshot()
+    limit = max(5.0, 5 * s.sweep_interval)
+    if s.last_sweep_at is None or port.now() - s.last_sweep_at > limit:
         raise ApiError(503, "guard_stalled", f"the guard loop made no progress for over {limit:g}s")
     return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
-    now = d.monotonic()
+    port = request.app[PORT]
+    s = await port.snapshot()
     reasons = []
-    for symbol in d.guard.symbols():
-        q = d.guard.quote(symbol, now)
+    for q in s.guarded_quotes(port.now()):
         if not q.usable:
             age = "no price yet" if q.price is None else f"price {q.age:.0f}s old"
-            reasons.append(f"{symbol}: no usable price ({age})")
-    if d.guard_loop.held_back:
-        held = ", ".join(d.guard_loop.held_back)
+            reasons.append(f"{q.symbol}: no usable price ({age})")
+    if s.held_back:
+        held = ", ".join(s.held_back)
         reasons.append(f"config positions not armed, the state store was lost: {held}")
     if reasons:
         raise ApiError(503, "not_ready", "; ".join(reasons), reasons=reasons)
     return json_response({"status": "ready"})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[DAEMON].metrics.registry)
-    response = web.Response(body=body)
-    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    response.charset = "utf-8"
-    return response
+@cache
+def _openapi() -> bytes:
+    return resources.files("tickguard").joinpath("openapi.json").read_bytes()
 
 
 async def openapi(request: web.Request) -> web.Response:
-    text = resources.files("tickguard").joinpath("openapi.json").read_text()
-    return web.Response(text=text, content_type="application/json")
+    return web.Response(body=_openapi(), content_type="application/json")
 
 
 # -- closing ------------------------------------------------------------------
 
 
 async def emergency_close_position(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
+    port = request.app[PORT]
     body = await _body(request)
     _only(body, ("symbol", "reason"))
     symbol = body.get("symbol")
     if not isinstance(symbol, str) or not symbol:
         raise ApiError(400, "bad_request", "symbol: expected a non-empty string")
     reason = _reason(body.get("reason", "emergency"))
-    d.guard_loop.audit(
-        "emergency_close", {"symbol": symbol, "reason": reason.value, "remote": request.remote}
-    )
-    result, status = await close_one(d, symbol, reason)
+    try:
+        closing = await port.close(symbol, reason, request.remote)
+    except NoPosition as exc:
+        result, status = _not_closable(exc)
+        return json_response(result, status=status)
+    result, status = _close_result(closing)
     return json_response(result, status=status)
 
 
 async def emergency_close_all(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
+    port = request.app[PORT]
     body = await _body(request, optional=True)
     _only(body, ("reason",))
     reason = _reason(body.get("reason", "emergency"))
-    symbols = [p.symbol for p in d.guard.positions() if p.state is PositionState.OPEN]
-    d.guard_loop.audit(
-        "emergency_close_all",
-        {"symbols": symbols, "reason": reason.value, "remote": request.remote},
-    )
-    outcomes = await asyncio.gather(*(close_one(d, s, reason) for s in symbols))
+    outcomes = [_close_result(c) for c in await port.close_all(reason, request.remote)]
     results = [result for result, _ in outcomes]
     ok = all(status == 200 for _, status in outcomes)
     return json_response({"status": "success" if ok else "partial", "results": results})
 
 
-async def close_one(d: Daemon, symbol: str, reason: ExitReason) -> tuple[dict[str, Any], int]:
-    """Close `symbol` and wait for the broker's first answer: (body, HTTP status)."""
-    position = d.guard.position(symbol)
-    if position is None:
-        latest = d.store.latest_position(symbol)
-        if latest is None:
-            return _error(404, "not_found", f"no position for {symbol}", symbol=symbol)
-        return _error(
-            409,
-            "conflict",
-            f"{symbol} is already {latest.state.value}",
-            symbol=symbol,
-            state=latest.state.value,
-        )
-    if position.state is PositionState.EXITING:
-        return _error(
-            409, "conflict", f"{symbol} is already exiting", symbol=symbol, state="exiting"
-        )
-    outcome: CloseOutcome = d.guard_loop.close(symbol, reason)
-    try:
-        async with asyncio.timeout(d.close_wait):
-            exit = await d.executor.first_outcome(outcome.exit.client_order_id)
-    except TimeoutError:
-        exit = d.guard.exit(outcome.exit.client_order_id) or outcome.exit
-    return _close_result(outcome.position, exit)
+def _not_closable(exc: NoPosition) -> tuple[dict[str, Any], int]:
+    """A close of a symbol not guarded: never seen (404), or already closed (409)."""
+    symbol = exc.symbol
+    if exc.state is None:
+        return _error(404, "not_found", f"no position for {symbol}", symbol=symbol)
+    state = exc.state.value
+    return _error(409, "conflict", f"{symbol} is already {state}", symbol=symbol, state=state)
 
 
-def _close_result(position: Position, exit: Exit) -> tuple[dict[str, Any], int]:
+def _close_result(closing: Closing) -> tuple[dict[str, Any], int]:
+    position, exit = closing.position, closing.exit
     symbol = position.symbol
     if exit.state is ExitState.FILLED and exit.fill_price is not None:
         return {
@@ -445,18 +462,19 @@ def _reason(value: object) -> ExitReason:
 
 
 async def list_positions(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
+    port = request.app[PORT]
     state = request.query.get("state", "active")
     if state not in ("active", "all"):
         raise ApiError(400, "bad_request", f"state: {state!r} is invalid; expected all")
-    now = d.monotonic()
-    guarded = {p.id: p for p in d.guard.positions()}
-    rows = d.store.positions(active_only=state != "all")
-    out = [position_json(guarded.get(p.id, p), d, now) for p in rows]
-    return json_response({"positions": out})
+    rows = await port.positions() if state == "all" else None
+    s = await port.snapshot()
+    if rows is None:
+        rows = sorted(s.guard.positions.values(), key=lambda p: p.id)
+    now = port.now()
+    return json_response({"positions": [position_json(p, s, now) for p in rows]})
 
 
-def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
+def position_json(p: Position, s: Snapshot, now: float) -> dict[str, Any]:
     spec = p.spec
     data: dict[str, Any] = {"id": p.id, **{f: getattr(spec, f) for f in POSITION_FIELDS}}
     data["side"] = spec.side.value
@@ -464,31 +482,29 @@ def position_json(p: Position, d: Daemon, now: float) -> dict[str, Any]:
     data["trailing_level"] = p.trailing_level()
     data["exit_id"] = p.exit_id
     data["origin"] = p.origin
-    view = d.reconciler.view
+    holdings = s.account.holdings
     data["broker_quantity"] = None  # signed; null while the account is unknown
     data["reconciled_at"] = None
-    if view is not None and p.state is not PositionState.CLOSED:
-        holding = view.holdings.get(p.symbol)
+    if holdings is not None and p.state is not PositionState.CLOSED:
+        holding = holdings.get(p.symbol)
         data["broker_quantity"] = holding.quantity if holding is not None else 0.0
-        data["reconciled_at"] = _iso(view.reconciled_at, d)
+        data["reconciled_at"] = _iso(s.account.reconciled_at, s)
     if p.state is not PositionState.CLOSED:
-        q = d.guard.quote(p.symbol, now)
+        q = s.quote(p.symbol, now)
         data["price"] = quote_json(q)
         data["unrealized_pnl"] = p.pnl(q.price.value) if q.price else None
-        data["blind"] = d.guard.is_blind(p.symbol)
+        data["blind"] = p.symbol in s.guard.blind
     return data
 
 
 async def add_position(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
-    body = await _body(request)
-    spec = _spec(body)
-    if d.guard.position(spec.symbol) is not None:
-        raise ApiError(409, "conflict", f"{spec.symbol} already has an open position")
-    # PositionExists (a duplicate the store caught) is a 409; any other StoreError a 503.
-    position = d.guard_loop.add(spec, source=f"api {request.remote}")
-    await d.supervisor.subscribe_more()
-    return json_response(position_json(position, d, d.monotonic()), status=201)
+    port = request.app[PORT]
+    spec = _spec(await _body(request))
+    # PositionExists (already guarded, or a duplicate the store caught) is a 409;
+    # any other StoreError a 503.
+    position = await port.add(spec, request.remote)
+    s = await port.snapshot()
+    return json_response(position_json(position, s, port.now()), status=201)
 
 
 def _spec(body: dict[str, Any]) -> PositionSpec:
@@ -500,16 +516,9 @@ def _spec(body: dict[str, Any]) -> PositionSpec:
 
 
 async def delete_position(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
+    port = request.app[PORT]
     symbol = request.match_info["symbol"]
-    position = d.guard.position(symbol)
-    if position is None:
-        raise ApiError(404, "not_found", f"no open position for {symbol}")
-    if position.state is PositionState.EXITING:
-        raise ApiError(
-            409, "conflict", f"{symbol} is exiting; it cannot be dropped", state="exiting"
-        )
-    removed = d.guard_loop.remove(symbol, source=f"api {request.remote}")
+    removed = await port.remove(symbol, request.remote)
     return json_response(
         {"status": "success", "symbol": symbol, "id": removed.id, "state": "closed"}
     )
@@ -517,87 +526,72 @@ async def delete_position(request: web.Request) -> web.Response:
 
 async def list_exits(request: web.Request) -> web.Response:
     """The exit journal, newest first: exits sent, and positions closed outside tickguard
-    (reason `external`, no client order id: SPEC 8)."""
-    d = request.app[DAEMON]
-    tz = d.market.tz
+    (reason `external`, no client order id: docs/account.md)."""
+    port = request.app[PORT]
+    journal = await port.journal()
+    tz = port.latest().tz
     out: list[tuple[float, dict[str, Any]]] = []
-    for row in d.store.external_closes():
-        at = float(row["at"])  # type: ignore[arg-type]
-        out.append(
-            (
-                at,
-                {
-                    "symbol": row["symbol"],
-                    "position_id": row["position_id"],
-                    "reason": "external",
-                    "price_source": "none",
-                    "client_order_id": None,
-                    "state": "closed",
-                    "decided_at": datetime.fromtimestamp(at, tz).isoformat(timespec="milliseconds"),
-                    "quantity": row["quantity"],
-                    "filled_quantity": None,
-                    "trigger_price": None,
-                    "exit_price": None,
-                    "pnl": None,
-                    "attempts": 0,
-                    "broker_order_id": None,
-                    "detail": row["detail"],
-                },
-            )
-        )
-    for record in d.store.exits():
+    for c in journal.external:
+        entry = {
+            "symbol": c.symbol,
+            "position_id": c.position_id,
+            "reason": "external",
+            "price_source": "none",
+            "client_order_id": None,
+            "state": "closed",
+            "decided_at": datetime.fromtimestamp(c.at, tz).isoformat(timespec="milliseconds"),
+            "quantity": c.quantity,
+            "filled_quantity": None,
+            "trigger_price": None,
+            "exit_price": None,
+            "pnl": None,
+            "attempts": 0,
+            "broker_order_id": None,
+            "detail": c.detail,
+        }
+        out.append((c.at, entry))
+    for record, live in journal.exits:
         e = record.exit
-        live = d.guard.exit(e.client_order_id) or e
-        out.append(
-            (
-                e.decided_at,
-                {
-                    "symbol": e.symbol,
-                    "position_id": e.position_id,
-                    "reason": e.reason.value,
-                    "price_source": e.price_source.value,
-                    "client_order_id": e.client_order_id,
-                    "state": live.state.value,
-                    "decided_at": datetime.fromtimestamp(e.decided_at, tz).isoformat(
-                        timespec="milliseconds"
-                    ),
-                    "trigger_price": e.trigger_price,
-                    "exit_price": live.fill_price,
-                    "pnl": record.pnl,
-                    "attempts": live.attempts,
-                    "broker_order_id": live.broker_order_id,
-                    "detail": live.detail,
-                    "quantity": live.quantity,
-                    "filled_quantity": live.filled_quantity,
-                },
-            )
-        )
+        entry = {
+            "symbol": e.symbol,
+            "position_id": e.position_id,
+            "reason": e.reason.value,
+            "price_source": e.price_source.value,
+            "client_order_id": e.client_order_id,
+            "state": live.state.value,
+            "decided_at": datetime.fromtimestamp(e.decided_at, tz).isoformat(
+                timespec="milliseconds"
+            ),
+            "trigger_price": e.trigger_price,
+            "exit_price": live.fill_price,
+            "pnl": record.pnl,
+            "attempts": live.attempts,
+            "broker_order_id": live.broker_order_id,
+            "detail": live.detail,
+            "quantity": live.quantity,
+            "filled_quantity": live.filled_quantity,
+        }
+        out.append((e.decided_at, entry))
     out.sort(key=lambda item: item[0], reverse=True)
     return json_response({"exits": [entry for _, entry in out]})
 
 
-# -- the account (SPEC 8) ----------------------------------------------------------
-
-
-def _iso(wall: float, d: Daemon) -> str:
-    return datetime.fromtimestamp(wall, d.market.tz).isoformat(timespec="milliseconds")
+# -- the account (docs/account.md) ----------------------------------------------------------
 
 
 async def account(request: web.Request) -> web.Response:
-    d = request.app[DAEMON]
-    view = d.reconciler.view
-    guarded = set(d.guard.symbols())
-    holdings = sorted(view.holdings.values(), key=lambda h: h.symbol) if view else []
+    s = await request.app[PORT].snapshot()
+    holdings = sorted((s.account.holdings or {}).values(), key=lambda h: h.symbol)
     return json_response(
         {
-            "reconciled_at": _iso(view.reconciled_at, d) if view else None,
-            "last_error": d.reconciler.last_error,
+            "reconciled_at": _iso(s.account.reconciled_at, s),
+            "last_error": s.account.last_error,
             "positions": [
                 {
                     "symbol": h.symbol,
                     "quantity": h.quantity,
                     "average_price": h.average_price,
-                    "guarded": h.symbol in guarded,
+                    "guarded": h.symbol in s.guard.positions,
                 }
                 for h in holdings
             ],
@@ -609,10 +603,8 @@ PAPER_TRADE_FIELDS = ("symbol", "side", "quantity", "price")
 
 
 async def paper_trade(request: web.Request) -> web.Response:
-    """A trade made outside tickguard on the paper account (a bot, a person): SPEC 8."""
-    d = request.app[DAEMON]
-    if not isinstance(d.broker, PaperBroker):
-        raise ApiError(404, "not_found", "paper trades exist only with broker.kind = paper")
+    """A trade made outside tickguard on the paper account (a bot, a person): docs/account.md."""
+    port = request.app[PORT]
     body = await _body(request)
     _only(body, PAPER_TRADE_FIELDS)
     symbol, side = body.get("symbol"), body.get("side")
@@ -631,12 +623,10 @@ async def paper_trade(request: web.Request) -> web.Response:
     if problems:
         raise ApiError(400, "bad_request", "; ".join(problems))
     assert isinstance(symbol, str) and isinstance(side, str) and quantity is not None
-    d.guard_loop.audit("paper_trade", {k: body.get(k) for k in PAPER_TRADE_FIELDS})
     try:
-        after = d.broker.trade(symbol, side, quantity, amount(price))
+        after = await port.paper_trade(symbol, side, quantity, amount(price))
     except BrokerRejected as exc:
         raise ApiError(409, "no_price", f"{exc.detail}; give a price") from None
-    d.reconciler.trigger()
     position = {"symbol": symbol, "quantity": 0.0, "average_price": None}
     if after is not None:
         position = {

@@ -1,7 +1,8 @@
 """The composition root: the one place that builds the world and runs it.
 
-config -> store -> broker -> price book -> guard -> executor -> guard_loop ->
-feed supervisor and fallback poll -> HTTP API -> systemd notifier.
+config -> store -> broker -> price book -> guard -> executor -> guard loop ->
+feed supervisor and fallback poll -> the API's port -> HTTP API (its own
+thread) -> systemd notifier.
 
 Shutdown (SIGTERM/SIGINT): stop the API, let exits in flight finish (bounded),
 persist trailing anchors, close the store, STOPPING=1, exit 0 — well within
@@ -30,6 +31,8 @@ from tickguard.brokers.base import Broker
 from tickguard.brokers.paper import PaperBroker
 from tickguard.brokers.upstox import UpstoxBroker
 from tickguard.config import Config, read_secret
+from tickguard.control import GuardPort
+from tickguard.core.backoff import Exponential
 from tickguard.core.guard import Guard
 from tickguard.core.market import MarketCalendar
 from tickguard.core.prices import PriceBook
@@ -46,6 +49,7 @@ from tickguard.guard_loop import GuardLoop
 from tickguard.http_server import ApiServer
 from tickguard.metrics import AgeCollector, Metrics
 from tickguard.reconciler import Reconciler
+from tickguard.status import Snapshot
 from tickguard.store import Store
 from tickguard.systemd import Notifier, measure_lag
 
@@ -55,12 +59,13 @@ SHUTDOWN_EXIT_WAIT = 5.0  # seconds exits in flight get to finish at shutdown
 API_SHUTDOWN_TIMEOUT = 2.0
 CRASHES_TOLERATED = 5  # per task per CRASH_WINDOW before the daemon gives up (exit 1)
 CRASH_WINDOW = 60.0
-CRASH_PAUSE = 0.1  # first pause before restarting a crashed task; doubles, capped at 5 s
+CRASH_PAUSE = 0.1  # first pause before restarting a crashed task; doubles...
+CRASH_PAUSE_MAX = 5.0  # ...up to this
 
 
 @dataclass
 class Daemon:
-    """Everything the API and the loops share. Built only by `build`."""
+    """The parts, for `serve` and for tests. Built only by `build`; the API sees only `port`."""
 
     config: Config
     store: Store
@@ -77,11 +82,9 @@ class Daemon:
     reconciler: Reconciler
     session: aiohttp.ClientSession
     notifier: Notifier
-    token: str | None
-    subscriptions: Callable[[], set[str]]
-    close_wait: float = DEFAULT_ORDER_TIMEOUT + 2.0
+    port: GuardPort
+    snapshot: Callable[[], Snapshot]
     monotonic: Callable[[], float] = time.monotonic
-    wall: Callable[[], float] = time.time
     task_crashes: Counter | None = None
     rearm: bool = False  # arm config positions even into a lost store (`run --rearm`)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -142,7 +145,7 @@ async def build(config: Config) -> Daemon:
     if isinstance(broker, PaperBroker):  # its account: a registered position's entry filled
         guard_loop.on_registered = broker.open_if_flat
     reconciler = Reconciler(broker, guard_loop, metrics, config.account, config.rules)
-    executor.sizer = reconciler.exit_quantity  # SPEC 8: no exit larger than the account holds
+    executor.sizer = reconciler.exit_quantity  # docs/account.md: no exit larger than the account holds
 
     def subscriptions() -> set[str]:
         """What the feed subscribes: config symbols plus guarded ones."""
@@ -191,7 +194,28 @@ async def build(config: Config) -> Daemon:
             symbols=subscriptions,
             on_prices=guard_loop.on_prices,
         )
-    daemon = Daemon(
+    def snapshot() -> Snapshot:
+        return guard_loop.snapshot(
+            feed=supervisor.status(),
+            dns=resolver.status(),
+            poll=poller.status() if poller is not None else None,
+            account=reconciler.status(),
+        )
+
+    port = GuardPort(
+        take_snapshot=snapshot,
+        guard_loop=guard_loop,
+        guard=guard,
+        executor=executor,
+        store=store,
+        broker=broker,
+        subscribe=supervisor.subscribe_more,
+        account_changed=reconciler.trigger,
+        token=read_secret(config.http.token_file, "http.token_file"),
+        close_wait=DEFAULT_ORDER_TIMEOUT + 2.0,
+    )
+    registry.register(AgeCollector(port.latest, port.now))
+    return Daemon(
         config=config,
         store=store,
         metrics=metrics,
@@ -207,8 +231,8 @@ async def build(config: Config) -> Daemon:
         reconciler=reconciler,
         session=session,
         notifier=Notifier(),
-        token=read_secret(config.http.token_file, "http.token_file"),
-        subscriptions=subscriptions,
+        port=port,
+        snapshot=snapshot,
         task_crashes=Counter(
             "tickguard_task_crashes",
             "Background tasks that crashed and were restarted",
@@ -216,17 +240,6 @@ async def build(config: Config) -> Daemon:
             registry=registry,
         ),
     )
-
-    def ages() -> list[tuple[str, float, bool]]:
-        now = daemon.monotonic()
-        rows = []
-        for symbol in guard.symbols():
-            q = guard.quote(symbol, now)
-            rows.append((symbol, q.age, q.freshness.value != "fresh"))
-        return rows
-
-    registry.register(AgeCollector(ages))
-    return daemon
 
 
 async def run(config: Config, *, stop: asyncio.Event | None = None, rearm: bool = False) -> int:
@@ -269,7 +282,8 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     d.guard_loop.sweep()  # the guard loop has run once before READY
     host, port = d.config.http.host, d.config.http.port
     # Connection, time and log bounds of the API: see tickguard.http_server.
-    server = ApiServer(build_app(d), host, port, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
+    app = build_app(d.port, d.metrics.registry)
+    server = ApiServer(app, host, port, shutdown_timeout=API_SHUTDOWN_TIMEOUT)
     try:
         await server.start()
     except OSError as exc:
@@ -277,7 +291,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
         return 1
     bound = server.addresses[0]
     log.info("[HTTP] listening on %s:%d", bound[0], bound[1])
-    if d.token is None:
+    if d.port.token is None:
         log.warning("[HTTP] no API token configured: mutating routes answer 503")
     failed = d.guard_loop.fatal  # set when the journal fails or a task keeps crashing
     d.tasks = [
@@ -295,7 +309,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     if d.poller is not None:
         d.tasks.append(_keep_running(d, "poll", d.poller.run, failed))
     d.tasks.append(_keep_running(d, "account", d.reconciler.run, failed))
-    d.notifier.ready(status_line(d))
+    d.notifier.ready(d.snapshot().status_line(d.monotonic()))
     log.info("tickguard %s running: %d positions guarded", __version__, len(d.guard.positions()))
     stopper = asyncio.create_task(stop.wait())
     crashed = asyncio.create_task(failed.wait())
@@ -339,27 +353,15 @@ def _keep_running(
                     )
                     failed.set()
                     return
-                await asyncio.sleep(min(5.0, CRASH_PAUSE * 2 ** len(crashes)))
+                await asyncio.sleep(Exponential(CRASH_PAUSE, CRASH_PAUSE_MAX).delay(len(crashes)))
 
     return asyncio.create_task(loop(), name=name)
 
 
-def status_line(d: Daemon) -> str:
-    sup = d.supervisor
-    feed = "feed connected" if sup.connected else f"feed {sup.state.value}"
-    if sup.fallback_active:
-        feed += ", fallback active"
-    positions = d.guard.positions()
-    now = d.monotonic()
-    stale = sum(1 for p in positions if d.guard.quote(p.symbol, now).freshness.value != "fresh")
-    line = f"{feed}; {len(positions)} positions guarded, {stale} stale"
-    if not d.guard_loop.market_open:
-        held = len(d.guard.held_for_open())
-        line += "; market closed" + (f", {held} held until the open" if held else "")
-    return line
-
-
 async def _status_loop(d: Daemon) -> None:
+    """systemd's STATUS= line, from a snapshot each second (also the API's newest one)."""
     while True:
-        d.notifier.status(status_line(d))
+        snapshot = d.snapshot()
+        d.port.publish(snapshot)
+        d.notifier.status(snapshot.status_line(d.monotonic()))
         await asyncio.sleep(1.0)

@@ -1,4 +1,4 @@
-"""The `tickguard` command line (SPEC section 1).
+"""The `tickguard` command line (docs/cli.md).
 
 Each subcommand is a `cmd_*` function taking the parsed arguments and
 returning the exit code. Logging is configured here and nowhere else.
@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`tickguard demo [--duration SECONDS]`: 0, also when interrupted (SPEC 1)."""
+    """`tickguard demo [--duration SECONDS]`: 0, also when interrupted (docs/cli.md)."""
     try:
         from tickguard import demo
 

@@ -1,11 +1,12 @@
-"""Configuration: TOML (SPEC section 2) parsed into frozen dataclasses.
+"""Configuration: TOML (docs/config.md) parsed into frozen dataclasses.
 
 `parse_config` turns the table `tomllib` gives into a `Config`, or raises
 `ConfigError` carrying every problem found, each naming the dotted key, the
 value and what was expected. Unknown keys are problems too. Every default is
-one named constant below; `DEFAULTS` is the same defaults shaped like the
-TOML file, and `packaging/config.example.toml` is tested to parse to exactly
-them. `[account]` and `[[rules]]` are SPEC section 8.
+written once, in `DEFAULTS`, shaped like the TOML file; the parser takes each
+key's default from it by its dotted key (`default`), and
+`packaging/config.example.toml` is tested to parse to exactly them.
+`[account]` and `[[rules]]` are docs/account.md's.
 """
 
 from __future__ import annotations
@@ -49,58 +50,8 @@ CREDENTIALS_DIRECTORY_ENV: Final = "CREDENTIALS_DIRECTORY"
 TOKEN_CREDENTIAL: Final = "api-token"
 BROKER_TOKEN_CREDENTIAL: Final = "broker-token"
 
-# [daemon]
-DEFAULT_STATE_DIR: Final = "/var/lib/tickguard"
-DEFAULT_LOG_LEVEL: Final = "info"
-# [http]
-DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:8000"
-DEFAULT_TOKEN_FILE: Final = ""
-# [feed]
-DEFAULT_FEED_PROTOCOL: Final = "json"
-DEFAULT_FEED_URL: Final = ""  # required: the default is there to be rejected
-DEFAULT_FEED_SYMBOLS: Final[tuple[str, ...]] = ()
-DEFAULT_PING_INTERVAL: Final = 5.0
-DEFAULT_PING_TIMEOUT: Final = 5.0
-DEFAULT_SILENCE_TIMEOUT: Final = 10.0
-DEFAULT_FALLBACK_URL: Final = ""
-DEFAULT_POLL_INTERVAL: Final = 1.0
-# [feed.reconnect]
-DEFAULT_INITIAL_DELAY: Final = 0.5
-DEFAULT_MAX_DELAY: Final = 30.0
-DEFAULT_MULTIPLIER: Final = 2.0
-DEFAULT_JITTER: Final = 0.5
-DEFAULT_DNS_CHECK_EVERY: Final = 3
-DEFAULT_STABLE_AFTER: Final = 30.0
-# [dns]
-DEFAULT_DNS_SERVERS: Final[tuple[str, ...]] = ()
-DEFAULT_DNS_FALLBACK_SERVERS: Final[tuple[str, ...]] = ("8.8.8.8", "1.1.1.1", "8.8.4.4", "1.0.0.1")
-DEFAULT_DNS_TIMEOUT: Final = 5.0
-DEFAULT_DNS_PORT: Final = 53
-# [prices]
-DEFAULT_CACHE_TIMEOUT: Final = 300.0
-DEFAULT_STALE_WARNING: Final = 30.0
-# [guard]
-DEFAULT_SWEEP_INTERVAL: Final = 1.0
-DEFAULT_BLIND_POLICY: Final = "hold"
-DEFAULT_BLIND_AFTER: Final = 300.0
-# [market]
-DEFAULT_TIMEZONE: Final = "Asia/Kolkata"
-DEFAULT_SESSIONS: Final[tuple[str, ...]] = ("09:15-15:30",)
-DEFAULT_WEEKDAYS: Final[tuple[str, ...]] = ("mon", "tue", "wed", "thu", "fri")
-DEFAULT_HOLIDAYS: Final[tuple[str, ...]] = ()
-DEFAULT_ALWAYS_OPEN: Final = False
-# [broker]
-DEFAULT_BROKER_KIND: Final = "paper"
-DEFAULT_UPSTOX_API_URL: Final = "https://api.upstox.com"
-DEFAULT_UPSTOX_HFT_URL: Final = "https://api-hft.upstox.com"
-DEFAULT_UPSTOX_TOKEN_FILE: Final = ""
-DEFAULT_UPSTOX_PRODUCT: Final = "I"
+DEFAULT_DNS_PORT: Final = 53  # of a nameserver given without one
 UPSTOX_PRODUCTS: Final = ("I", "D", "MTF")
-# [account] (SPEC section 8)
-DEFAULT_ACCOUNT_SOURCE: Final = "config"
-DEFAULT_RECONCILE_INTERVAL: Final = 5.0
-DEFAULT_CONFIRM_WITHIN: Final = 60.0
-DEFAULT_ACCOUNT_PRODUCTS: Final[tuple[str, ...]] = ("I", "D", "MTF")
 # [[rules]]: each percentage is optional, at least one is required.
 RULE_PERCENTAGES: Final = ("stop_loss_pct", "take_profit_pct", "trailing_stop_pct")
 MAX_STOP_PCT: Final = 100.0  # stop_loss_pct and trailing_stop_pct: below it (a stop above 0)
@@ -119,63 +70,83 @@ def _frozen(table: Mapping[str, object]) -> Mapping[str, object]:
     )
 
 
-# The defaults shaped like the TOML file (lists as tuples); the parser knows
-# exactly these keys plus `[[positions]]` and `[[rules]]`, which have no default.
+# Every default, written here once and nowhere else, shaped like the TOML file
+# (lists as tuples; docs/config.md explains each key). The parser knows exactly
+# these keys plus `[[positions]]` and `[[rules]]`, which have no default.
 DEFAULTS: Final[Mapping[str, object]] = _frozen(
     {
-        "daemon": {"state_dir": DEFAULT_STATE_DIR, "log_level": DEFAULT_LOG_LEVEL},
-        "http": {"listen": DEFAULT_HTTP_LISTEN, "token_file": DEFAULT_TOKEN_FILE},
+        "daemon": {
+            "state_dir": "/var/lib/tickguard",  # when $STATE_DIRECTORY is not set
+            "log_level": "info",
+        },
+        "http": {
+            "listen": "127.0.0.1:8000",
+            "token_file": "",  # $CREDENTIALS_DIRECTORY/api-token if it exists, else no token
+        },
         "feed": {
-            "protocol": DEFAULT_FEED_PROTOCOL,
-            "url": DEFAULT_FEED_URL,
-            "symbols": DEFAULT_FEED_SYMBOLS,
-            "ping_interval": DEFAULT_PING_INTERVAL,
-            "ping_timeout": DEFAULT_PING_TIMEOUT,
-            "silence_timeout": DEFAULT_SILENCE_TIMEOUT,
-            "fallback_url": DEFAULT_FALLBACK_URL,
-            "poll_interval": DEFAULT_POLL_INTERVAL,
+            "protocol": "json",
+            "url": "",  # required (but for upstox): the default is there to be rejected
+            "symbols": (),
+            "ping_interval": 5.0,
+            "ping_timeout": 5.0,
+            "silence_timeout": 10.0,
+            "fallback_url": "",
+            "poll_interval": 1.0,
             "reconnect": {
-                "initial_delay": DEFAULT_INITIAL_DELAY,
-                "max_delay": DEFAULT_MAX_DELAY,
-                "multiplier": DEFAULT_MULTIPLIER,
-                "jitter": DEFAULT_JITTER,
-                "dns_check_every": DEFAULT_DNS_CHECK_EVERY,
-                "stable_after": DEFAULT_STABLE_AFTER,
+                "initial_delay": 0.5,
+                "max_delay": 30.0,
+                "multiplier": 2.0,
+                "jitter": 0.5,
+                "dns_check_every": 3,
+                "stable_after": 30.0,
             },
         },
         "dns": {
-            "servers": DEFAULT_DNS_SERVERS,
-            "fallback_servers": DEFAULT_DNS_FALLBACK_SERVERS,
-            "timeout": DEFAULT_DNS_TIMEOUT,
+            "servers": (),
+            "fallback_servers": ("8.8.8.8", "1.1.1.1", "8.8.4.4", "1.0.0.1"),
+            "timeout": 5.0,
         },
-        "prices": {"cache_timeout": DEFAULT_CACHE_TIMEOUT, "stale_warning": DEFAULT_STALE_WARNING},
-        "guard": {
-            "sweep_interval": DEFAULT_SWEEP_INTERVAL,
-            "blind_policy": DEFAULT_BLIND_POLICY,
-            "blind_after": DEFAULT_BLIND_AFTER,
-        },
+        "prices": {"cache_timeout": 300.0, "stale_warning": 30.0},
+        "guard": {"sweep_interval": 1.0, "blind_policy": "hold", "blind_after": 300.0},
         "market": {
-            "timezone": DEFAULT_TIMEZONE,
-            "sessions": DEFAULT_SESSIONS,
-            "weekdays": DEFAULT_WEEKDAYS,
-            "holidays": DEFAULT_HOLIDAYS,
-            "always_open": DEFAULT_ALWAYS_OPEN,
+            "timezone": "Asia/Kolkata",
+            "sessions": ("09:15-15:30",),
+            "weekdays": ("mon", "tue", "wed", "thu", "fri"),
+            "holidays": (),
+            "always_open": False,
         },
-        "broker": {"kind": DEFAULT_BROKER_KIND},
+        "broker": {"kind": "paper"},
         "upstox": {
-            "api_url": DEFAULT_UPSTOX_API_URL,
-            "hft_url": DEFAULT_UPSTOX_HFT_URL,
-            "token_file": DEFAULT_UPSTOX_TOKEN_FILE,
-            "product": DEFAULT_UPSTOX_PRODUCT,
+            "api_url": "https://api.upstox.com",
+            "hft_url": "https://api-hft.upstox.com",  # order placement
+            "token_file": "",  # $CREDENTIALS_DIRECTORY/broker-token if it exists
+            "product": "I",  # intraday
         },
         "account": {
-            "source": DEFAULT_ACCOUNT_SOURCE,
-            "reconcile_interval": DEFAULT_RECONCILE_INTERVAL,
-            "confirm_within": DEFAULT_CONFIRM_WITHIN,
-            "products": DEFAULT_ACCOUNT_PRODUCTS,
+            "source": "config",
+            "reconcile_interval": 5.0,
+            "confirm_within": 60.0,
+            "products": ("I", "D", "MTF"),
         },
     }
 )
+
+_T = TypeVar("_T")
+
+
+def default(key: str, kind: type[_T]) -> _T:
+    """The default of the dotted key `key` ("feed.reconnect.jitter"), checked to be a `kind`.
+
+    KeyError for a key without a default; TypeError when it is not a `kind`.
+    """
+    value: object = DEFAULTS
+    for name in key.split("."):
+        if not isinstance(value, Mapping):
+            raise KeyError(key)
+        value = value[name]
+    if not isinstance(value, kind):
+        raise TypeError(f"the default of {key} is {value!r}, not a {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +245,7 @@ class UpstoxConfig:
 
 @dataclass(frozen=True, slots=True)
 class AccountConfig:
-    """Whose positions are guarded and how the broker's account is reconciled (SPEC 8)."""
+    """Whose positions are guarded and how the broker's account is reconciled (docs/account.md)."""
 
     source: str  # config | broker (also guard every broker position a [[rules]] entry matches)
     reconcile_interval: float  # seconds between reconciliations
@@ -409,66 +380,6 @@ def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = 
     return config
 
 
-def default_config(*, env: Mapping[str, str] | None = None) -> Config:
-    """The configuration an empty file would give, were feed.url not required.
-
-    Built straight from the DEFAULT_* constants, not through the parser, so that
-    tests can hold the two against each other.
-    """
-    env = os.environ if env is None else env
-    return Config(
-        daemon=DaemonConfig(_default_state_dir(env), DEFAULT_LOG_LEVEL),
-        http=HttpConfig(*parse_listen(DEFAULT_HTTP_LISTEN), _default_token_file(env)),
-        feed=FeedConfig(
-            protocol=DEFAULT_FEED_PROTOCOL,
-            url=DEFAULT_FEED_URL,
-            symbols=DEFAULT_FEED_SYMBOLS,
-            ping_interval=DEFAULT_PING_INTERVAL,
-            ping_timeout=DEFAULT_PING_TIMEOUT,
-            silence_timeout=DEFAULT_SILENCE_TIMEOUT,
-            fallback_url=DEFAULT_FALLBACK_URL,
-            poll_interval=DEFAULT_POLL_INTERVAL,
-            reconnect=ReconnectConfig(
-                initial_delay=DEFAULT_INITIAL_DELAY,
-                max_delay=DEFAULT_MAX_DELAY,
-                multiplier=DEFAULT_MULTIPLIER,
-                jitter=DEFAULT_JITTER,
-                dns_check_every=DEFAULT_DNS_CHECK_EVERY,
-                stable_after=DEFAULT_STABLE_AFTER,
-            ),
-        ),
-        dns=DnsConfig(
-            servers=tuple(parse_nameserver(s) for s in DEFAULT_DNS_SERVERS),
-            fallback_servers=tuple(parse_nameserver(s) for s in DEFAULT_DNS_FALLBACK_SERVERS),
-            timeout=DEFAULT_DNS_TIMEOUT,
-        ),
-        prices=PricesConfig(DEFAULT_CACHE_TIMEOUT, DEFAULT_STALE_WARNING),
-        guard=GuardConfig(
-            DEFAULT_SWEEP_INTERVAL, BlindPolicy(DEFAULT_BLIND_POLICY), DEFAULT_BLIND_AFTER
-        ),
-        market=MarketConfig(
-            timezone=DEFAULT_TIMEZONE,
-            sessions=tuple(sorted(parse_session(s) for s in DEFAULT_SESSIONS)),
-            weekdays=frozenset(WEEKDAY_NAMES.index(d) for d in DEFAULT_WEEKDAYS),
-            holidays=frozenset(datetime.date.fromisoformat(d) for d in DEFAULT_HOLIDAYS),
-            always_open=DEFAULT_ALWAYS_OPEN,
-        ),
-        broker=BrokerConfig(DEFAULT_BROKER_KIND),
-        upstox=UpstoxConfig(
-            DEFAULT_UPSTOX_API_URL,
-            DEFAULT_UPSTOX_HFT_URL,
-            _default_broker_token_file(env),
-            DEFAULT_UPSTOX_PRODUCT,
-        ),
-        account=AccountConfig(
-            source=DEFAULT_ACCOUNT_SOURCE,
-            reconcile_interval=DEFAULT_RECONCILE_INTERVAL,
-            confirm_within=DEFAULT_CONFIRM_WITHIN,
-            products=DEFAULT_ACCOUNT_PRODUCTS,
-        ),
-    )
-
-
 def config_path(
     explicit: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Path:
@@ -558,6 +469,7 @@ def _port(text: str, lowest: int, expected: str) -> int:
 
 
 _MISSING: Final = MISSING  # marks an absent required key; shown as <missing>
+_DEFAULT: Final = object()  # `_Table.get` without a fallback: the key's default
 
 
 class _Table:
@@ -574,9 +486,15 @@ class _Table:
     def dotted(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def get(self, key: str, default: object) -> object:
+    def get(self, key: str, fallback: object = _DEFAULT) -> object:
+        """The value at `key`; when absent, `fallback`, else the key's default (DEFAULTS)."""
         self.used.add(key)
-        return self.data.get(key, default)
+        if key in self.data:
+            return self.data[key]
+        return self.default(key, object) if fallback is _DEFAULT else fallback
+
+    def default(self, key: str, kind: type[_T]) -> _T:
+        return default(self.dotted(key), kind)
 
     def problem(self, key: str, value: object, expected: str) -> None:
         """Record a problem with `key` (or with an item of it, `key[3]`)."""
@@ -615,55 +533,59 @@ def _unknown_key_expectation(key: str, known: Sequence[str]) -> str:
 _SECONDS: Final = "a finite number of seconds > 0"
 
 
-def _number(
-    t: _Table, key: str, default: float, expected: str, valid: Callable[[float], bool]
-) -> float:
-    value = t.get(key, default)
+def _valid_number(
+    t: _Table, key: str, expected: str, valid: Callable[[float], bool]
+) -> float | None:
+    """The number at `key`, or None when it is not one `valid` accepts (a problem, recorded)."""
+    value = t.get(key)
     result = untrusted.number(value)
     if result is None or not valid(result):
         t.problem(key, value, expected)
-        return default
+        return None
     return result
 
 
-def _seconds(t: _Table, key: str, default: float) -> float:
-    return _number(t, key, default, _SECONDS, lambda x: x > 0)
+def _number(t: _Table, key: str, expected: str, valid: Callable[[float], bool]) -> float:
+    result = _valid_number(t, key, expected, valid)
+    return t.default(key, float) if result is None else result
 
 
-def _seconds_or_zero(t: _Table, key: str, default: float) -> float:
-    return _number(t, key, default, "a finite number of seconds >= 0", lambda x: x >= 0)
+def _seconds(t: _Table, key: str) -> float:
+    return _number(t, key, _SECONDS, lambda x: x > 0)
 
 
-def _string(t: _Table, key: str, default: str, expected: str = "a string") -> str:
-    value = t.get(key, default)
+def _seconds_or_zero(t: _Table, key: str) -> float:
+    return _number(t, key, "a finite number of seconds >= 0", lambda x: x >= 0)
+
+
+def _string(t: _Table, key: str, expected: str = "a string") -> str:
+    value = t.get(key)
     if not isinstance(value, str):
         t.problem(key, value, expected)
-        return default
+        return t.default(key, str)
     return value
 
 
-def _choice(t: _Table, key: str, default: str, choices: Sequence[str]) -> str:
+def _choice(t: _Table, key: str, choices: Sequence[str]) -> str:
     expected = "one of " + " | ".join(repr(c) for c in choices)
-    value = _string(t, key, default, expected)
+    value = _string(t, key, expected)
     if value not in choices:
         t.problem(key, value, expected)
-        return default
+        return t.default(key, str)
     return value
 
 
-def _bool(t: _Table, key: str, default: bool) -> bool:
-    value = t.get(key, default)
+def _bool(t: _Table, key: str) -> bool:
+    value = t.get(key)
     if not isinstance(value, bool):
         t.problem(key, value, "true or false")
-        return default
+        return t.default(key, bool)
     return value
 
 
-def _items(
-    t: _Table, key: str, default: Sequence[object], expected: str
-) -> Iterator[tuple[str, object]]:
+def _items(t: _Table, key: str, expected: str) -> Iterator[tuple[str, object]]:
     """(dotted key, item) for each item of an array; a non-array is one problem."""
-    value = t.get(key, default)
+    value = t.get(key)
     if not isinstance(value, list | tuple):
         t.problem(key, value, f"an array of {expected}")
         return
@@ -671,17 +593,14 @@ def _items(
         yield f"{key}[{i}]", item
 
 
-_T = TypeVar("_T")
-
-
 def _string_list(
-    t: _Table, key: str, default: Sequence[str], expected: str, convert: Callable[[str], _T]
+    t: _Table, key: str, expected: str, convert: Callable[[str], _T]
 ) -> list[tuple[str, str, _T]]:
     """Each item of an array of strings as (key, text, converted value); bad and repeated
     items are problems and left out."""
     found: list[tuple[str, str, _T]] = []
     seen: dict[_T, str] = {}
-    for item_key, item in _items(t, key, default, expected):
+    for item_key, item in _items(t, key, expected):
         if not isinstance(item, str):
             t.problem(item_key, item, expected)
             continue
@@ -705,47 +624,47 @@ def _string_list(
 def _default_state_dir(env: Mapping[str, str]) -> Path:
     # systemd joins several StateDirectory= entries with ':'; ours is the first.
     from_env = env.get(STATE_DIRECTORY_ENV, "").split(":")[0]
-    return Path(from_env or DEFAULT_STATE_DIR)
+    return Path(from_env or default("daemon.state_dir", str))
 
 
-def _default_token_file(env: Mapping[str, str]) -> str:
+def _credential_or_default(env: Mapping[str, str], credential: str, key: str) -> str:
+    """$CREDENTIALS_DIRECTORY/`credential` when that file exists, else `key`'s default."""
     credentials = env.get(CREDENTIALS_DIRECTORY_ENV, "")
     if credentials:
-        candidate = Path(credentials) / TOKEN_CREDENTIAL
+        candidate = Path(credentials) / credential
         if candidate.is_file():
             return str(candidate)
-    return DEFAULT_TOKEN_FILE
+    return default(key, str)
 
 
 def _daemon(t: _Table, env: Mapping[str, str]) -> DaemonConfig:
-    expected = "a non-empty directory path"
-    text = _string(t, "state_dir", "", expected)
-    if text.strip():
+    text = t.get("state_dir", "")  # absent: $STATE_DIRECTORY, else the default
+    if isinstance(text, str) and text.strip():
         state_dir = Path(text)
     else:
         state_dir = _default_state_dir(env)
-        if "state_dir" in t.data and t.ok("state_dir"):
-            t.problem("state_dir", text, expected)
-    return DaemonConfig(
-        state_dir=state_dir, log_level=_choice(t, "log_level", DEFAULT_LOG_LEVEL, LOG_LEVELS)
-    )
+        if "state_dir" in t.data:
+            t.problem("state_dir", text, "a non-empty directory path")
+    return DaemonConfig(state_dir=state_dir, log_level=_choice(t, "log_level", LOG_LEVELS))
 
 
 def _http(t: _Table, env: Mapping[str, str]) -> HttpConfig:
-    listen = _string(t, "listen", DEFAULT_HTTP_LISTEN, _LISTEN_EXPECTED)
+    listen = _string(t, "listen", _LISTEN_EXPECTED)
     try:
         host, port = parse_listen(listen)
     except ValueError:
         t.problem("listen", listen, _LISTEN_EXPECTED)
-        host, port = parse_listen(DEFAULT_HTTP_LISTEN)
-    token_file = _string(t, "token_file", DEFAULT_TOKEN_FILE, 'a file path, or "" for none')
-    return HttpConfig(host=host, port=port, token_file=token_file or _default_token_file(env))
+        host, port = parse_listen(t.default("listen", str))
+    token_file = _string(t, "token_file", 'a file path, or "" for none') or (
+        _credential_or_default(env, TOKEN_CREDENTIAL, "http.token_file")
+    )
+    return HttpConfig(host=host, port=port, token_file=token_file)
 
 
-def _url(t: _Table, key: str, default: str, schemes: Sequence[str], *, required: bool) -> str:
+def _url(t: _Table, key: str, schemes: Sequence[str], *, required: bool) -> str:
     expected = "a URL with a host, starting " + " or ".join(f"{s}://" for s in schemes)
     expected = f"{expected} (required)" if required else f'{expected}, or "" for none'
-    value = _string(t, key, default, expected)
+    value = _string(t, key, expected)
     if not t.ok(key) or (not value and not required):
         return value
     try:
@@ -756,12 +675,12 @@ def _url(t: _Table, key: str, default: str, schemes: Sequence[str], *, required:
         valid = False
     if not valid:
         t.problem(key, _redacted(value), expected)
-        return default
+        return t.default(key, str)
     return value
 
 
 def _redacted(url: str) -> str:
-    """The URL without a password or query, which may carry credentials (SPEC section 6)."""
+    """The URL without a password or query, which may carry credentials (docs/logs.md)."""
     url = re.sub(r"(//[^/@:]*):[^/@]*@", r"\1:***@", url)
     base, sep, _ = url.partition("?")
     return f"{base}?***" if sep else base
@@ -775,49 +694,39 @@ def _symbol(text: str) -> str:
 
 def _feed(t: _Table) -> FeedConfig:
     symbols = _string_list(
-        t,
-        "symbols",
-        DEFAULT_FEED_SYMBOLS,
-        SYMBOL_EXPECTED.replace("a printable symbol", "printable symbols"),
-        _symbol,
+        t, "symbols", SYMBOL_EXPECTED.replace("a printable symbol", "printable symbols"), _symbol
     )
-    protocol = _choice(t, "protocol", DEFAULT_FEED_PROTOCOL, FEED_PROTOCOLS)
+    protocol = _choice(t, "protocol", FEED_PROTOCOLS)
     return FeedConfig(
         protocol=protocol,
         # Upstox hands out a single-use socket URL per connection (authorize).
-        url=_url(t, "url", DEFAULT_FEED_URL, ("ws", "wss"), required=protocol != "upstox"),
+        url=_url(t, "url", ("ws", "wss"), required=protocol != "upstox"),
         symbols=tuple(text for _, text, _ in symbols),
-        ping_interval=_seconds(t, "ping_interval", DEFAULT_PING_INTERVAL),
-        ping_timeout=_seconds(t, "ping_timeout", DEFAULT_PING_TIMEOUT),
-        silence_timeout=_seconds(t, "silence_timeout", DEFAULT_SILENCE_TIMEOUT),
-        fallback_url=_url(
-            t, "fallback_url", DEFAULT_FALLBACK_URL, ("http", "https"), required=False
-        ),
-        poll_interval=_seconds(t, "poll_interval", DEFAULT_POLL_INTERVAL),
+        ping_interval=_seconds(t, "ping_interval"),
+        ping_timeout=_seconds(t, "ping_timeout"),
+        silence_timeout=_seconds(t, "silence_timeout"),
+        fallback_url=_url(t, "fallback_url", ("http", "https"), required=False),
+        poll_interval=_seconds(t, "poll_interval"),
         reconnect=_reconnect(t.table("reconnect")),
     )
 
 
 def _reconnect(t: _Table) -> ReconnectConfig:
-    dns_check_every = t.get("dns_check_every", DEFAULT_DNS_CHECK_EVERY)
+    dns_check_every = t.get("dns_check_every")
     if (
         isinstance(dns_check_every, bool)
         or not isinstance(dns_check_every, int)
         or dns_check_every < 1
     ):
         t.problem("dns_check_every", dns_check_every, "a whole number >= 1")
-        dns_check_every = DEFAULT_DNS_CHECK_EVERY
+        dns_check_every = t.default("dns_check_every", int)
     config = ReconnectConfig(
-        initial_delay=_seconds(t, "initial_delay", DEFAULT_INITIAL_DELAY),
-        max_delay=_seconds(t, "max_delay", DEFAULT_MAX_DELAY),
-        multiplier=_number(
-            t, "multiplier", DEFAULT_MULTIPLIER, "a finite number >= 1", lambda x: x >= 1
-        ),
-        jitter=_number(
-            t, "jitter", DEFAULT_JITTER, "a fraction from 0 to 1", lambda x: 0 <= x <= 1
-        ),
+        initial_delay=_seconds(t, "initial_delay"),
+        max_delay=_seconds(t, "max_delay"),
+        multiplier=_number(t, "multiplier", "a finite number >= 1", lambda x: x >= 1),
+        jitter=_number(t, "jitter", "a fraction from 0 to 1", lambda x: 0 <= x <= 1),
         dns_check_every=dns_check_every,
-        stable_after=_seconds_or_zero(t, "stable_after", DEFAULT_STABLE_AFTER),
+        stable_after=_seconds_or_zero(t, "stable_after"),
     )
     _check_max_delay(t, config)
     return config
@@ -834,21 +743,21 @@ def _check_max_delay(t: _Table, config: ReconnectConfig) -> None:
 
 
 def _dns(t: _Table) -> DnsConfig:
-    def servers(key: str, default: Sequence[str]) -> tuple[Nameserver, ...]:
-        found = _string_list(t, key, default, _NAMESERVER_EXPECTED, parse_nameserver)
+    def servers(key: str) -> tuple[Nameserver, ...]:
+        found = _string_list(t, key, _NAMESERVER_EXPECTED, parse_nameserver)
         return tuple(ns for _, _, ns in found)
 
     return DnsConfig(
-        servers=servers("servers", DEFAULT_DNS_SERVERS),
-        fallback_servers=servers("fallback_servers", DEFAULT_DNS_FALLBACK_SERVERS),
-        timeout=_seconds(t, "timeout", DEFAULT_DNS_TIMEOUT),
+        servers=servers("servers"),
+        fallback_servers=servers("fallback_servers"),
+        timeout=_seconds(t, "timeout"),
     )
 
 
 def _prices(t: _Table) -> PricesConfig:
     config = PricesConfig(
-        cache_timeout=_seconds(t, "cache_timeout", DEFAULT_CACHE_TIMEOUT),
-        stale_warning=_seconds(t, "stale_warning", DEFAULT_STALE_WARNING),
+        cache_timeout=_seconds(t, "cache_timeout"),
+        stale_warning=_seconds(t, "stale_warning"),
     )
     _check_cache_outlives_stale(t, config)
     return config
@@ -865,22 +774,22 @@ def _check_cache_outlives_stale(t: _Table, config: PricesConfig) -> None:
 
 
 def _guard(t: _Table) -> GuardConfig:
-    policy = _choice(t, "blind_policy", DEFAULT_BLIND_POLICY, [p.value for p in BlindPolicy])
+    policy = _choice(t, "blind_policy", [p.value for p in BlindPolicy])
     return GuardConfig(
-        sweep_interval=_seconds(t, "sweep_interval", DEFAULT_SWEEP_INTERVAL),
+        sweep_interval=_seconds(t, "sweep_interval"),
         blind_policy=BlindPolicy(policy),
-        blind_after=_seconds_or_zero(t, "blind_after", DEFAULT_BLIND_AFTER),
+        blind_after=_seconds_or_zero(t, "blind_after"),
     )
 
 
 def _timezone(t: _Table) -> str:
     expected = 'an IANA time zone name such as "Asia/Kolkata"'
-    name = _string(t, "timezone", DEFAULT_TIMEZONE, expected)
+    name = _string(t, "timezone", expected)
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
         t.problem("timezone", name, expected)
-        return DEFAULT_TIMEZONE
+        return t.default("timezone", str)
     return name
 
 
@@ -891,7 +800,7 @@ def _weekday(text: str) -> int:
 def _holidays(t: _Table) -> frozenset[datetime.date]:
     expected = 'dates "YYYY-MM-DD"'
     found: dict[datetime.date, str] = {}
-    for key, item in _items(t, "holidays", DEFAULT_HOLIDAYS, expected):
+    for key, item in _items(t, "holidays", expected):
         day: datetime.date | None = None
         if isinstance(item, datetime.date) and not isinstance(item, datetime.datetime):
             day = item  # a bare TOML date
@@ -910,14 +819,14 @@ def _holidays(t: _Table) -> frozenset[datetime.date]:
 
 
 def _market(t: _Table) -> MarketConfig:
-    sessions = _string_list(t, "sessions", DEFAULT_SESSIONS, _SESSION_EXPECTED, parse_session)
-    weekdays = _string_list(t, "weekdays", DEFAULT_WEEKDAYS, " | ".join(WEEKDAY_NAMES), _weekday)
+    sessions = _string_list(t, "sessions", _SESSION_EXPECTED, parse_session)
+    weekdays = _string_list(t, "weekdays", " | ".join(WEEKDAY_NAMES), _weekday)
     config = MarketConfig(
         timezone=_timezone(t),
         sessions=tuple(sorted(s for _, _, s in sessions)),
         weekdays=frozenset(d for _, _, d in weekdays),
         holidays=_holidays(t),
-        always_open=_bool(t, "always_open", DEFAULT_ALWAYS_OPEN),
+        always_open=_bool(t, "always_open"),
     )
     _check_sessions_disjoint(t, sessions)
     _check_market_opens(t, config)
@@ -946,25 +855,18 @@ def _check_market_opens(t: _Table, config: MarketConfig) -> None:
 
 
 def _broker(t: _Table) -> BrokerConfig:
-    return BrokerConfig(kind=_choice(t, "kind", DEFAULT_BROKER_KIND, BROKER_KINDS))
-
-
-def _default_broker_token_file(env: Mapping[str, str]) -> str:
-    credentials = env.get(CREDENTIALS_DIRECTORY_ENV, "")
-    if credentials:
-        candidate = Path(credentials) / BROKER_TOKEN_CREDENTIAL
-        if candidate.is_file():
-            return str(candidate)
-    return DEFAULT_UPSTOX_TOKEN_FILE
+    return BrokerConfig(kind=_choice(t, "kind", BROKER_KINDS))
 
 
 def _upstox(t: _Table, env: Mapping[str, str]) -> UpstoxConfig:
-    token_file = _string(t, "token_file", DEFAULT_UPSTOX_TOKEN_FILE, 'a file path, or ""')
+    token_file = _string(t, "token_file", 'a file path, or ""') or (
+        _credential_or_default(env, BROKER_TOKEN_CREDENTIAL, "upstox.token_file")
+    )
     return UpstoxConfig(
-        api_url=_url(t, "api_url", DEFAULT_UPSTOX_API_URL, ("https", "http"), required=True),
-        hft_url=_url(t, "hft_url", DEFAULT_UPSTOX_HFT_URL, ("https", "http"), required=True),
-        token_file=token_file or _default_broker_token_file(env),
-        product=_choice(t, "product", DEFAULT_UPSTOX_PRODUCT, UPSTOX_PRODUCTS),
+        api_url=_url(t, "api_url", ("https", "http"), required=True),
+        hft_url=_url(t, "hft_url", ("https", "http"), required=True),
+        token_file=token_file,
+        product=_choice(t, "product", UPSTOX_PRODUCTS),
     )
 
 
@@ -1017,13 +919,11 @@ def _position(t: _Table) -> PositionSpec | None:
 
 
 def _account(t: _Table) -> AccountConfig:
-    products = _string_list(
-        t, "products", DEFAULT_ACCOUNT_PRODUCTS, " | ".join(UPSTOX_PRODUCTS), _upstox_product
-    )
+    products = _string_list(t, "products", " | ".join(UPSTOX_PRODUCTS), _upstox_product)
     config = AccountConfig(
-        source=_choice(t, "source", DEFAULT_ACCOUNT_SOURCE, ACCOUNT_SOURCES),
-        reconcile_interval=_seconds(t, "reconcile_interval", DEFAULT_RECONCILE_INTERVAL),
-        confirm_within=_seconds(t, "confirm_within", DEFAULT_CONFIRM_WITHIN),
+        source=_choice(t, "source", ACCOUNT_SOURCES),
+        reconcile_interval=_seconds(t, "reconcile_interval"),
+        confirm_within=_seconds(t, "confirm_within"),
         products=tuple(p for _, _, p in products),
     )
     _check_products_given(t, config)
@@ -1086,7 +986,7 @@ def _rule_symbols(t: _Table) -> tuple[str, ...]:
     if t.get("symbols", _MISSING) is _MISSING:
         t.problem("symbols", _MISSING, f"an array of {_RULE_SYMBOLS_EXPECTED} (required)")
         return ()
-    found = _string_list(t, "symbols", (), _RULE_SYMBOLS_EXPECTED, _symbol)
+    found = _string_list(t, "symbols", _RULE_SYMBOLS_EXPECTED, _symbol)
     if not found and t.ok("symbols"):
         t.problem("symbols", [], 'at least one symbol or instrument key, or "*" for any')
     return tuple(text for _, text, _ in found)
@@ -1098,8 +998,7 @@ def _optional_number(
     """The number at `key`, or None when it is absent (or has a problem, recorded)."""
     if t.get(key, None) is None:
         return None
-    result = _number(t, key, 0.0, expected, valid)
-    return result if t.ok(key) else None
+    return _valid_number(t, key, expected, valid)
 
 
 def _check_rule_has_a_level(root: _Table, t: _Table, rule: ExitRule) -> None:

@@ -61,7 +61,7 @@ class ExitExecutor:
         self._wall = wall
         self._checkpoint = checkpoint
         self.listener = listener
-        # How much an exit may trade, asked right before each send (SPEC 8: the account's
+        # How much an exit may trade, asked right before each send (docs/account.md: the account's
         # holding on its side); None: the exit's own quantity. Bounded in time; never raises.
         self.sizer: Callable[[Exit], Awaitable[float]] | None = None
         self.on_first_send: Callable[[Exit], None] | None = None  # told once per exit, when sent
@@ -164,7 +164,7 @@ class ExitExecutor:
                 else:
                     self._settle(cid, report, None)
                     return
-            if self.sizer is not None:  # SPEC 8: never more than the account holds
+            if self.sizer is not None:  # docs/account.md: never more than the account holds
                 allowed = min(exit.quantity, await self.sizer(exit))
                 if allowed <= 0:
                     self._cancelled(cid)

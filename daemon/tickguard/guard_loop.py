@@ -3,7 +3,7 @@
 Prices are evaluated the moment they arrive (an exit never waits for the
 sweep) and again by the sweep every guard.sweep_interval, so positions are
 re-judged as prices age even when nothing arrives. Every decision is logged
-with the SPEC's prefixes and journalled before it is sent.
+with the prefixes of docs/logs.md and journalled before it is sent.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -26,6 +26,7 @@ from tickguard.core.prices import Freshness, PriceSource, Quote
 from tickguard.errors import StoreError
 from tickguard.executor import ExitExecutor, recover
 from tickguard.metrics import Metrics
+from tickguard.status import AccountStatus, DnsStatus, FeedStatus, PollStatus, Snapshot
 from tickguard.store import Store
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class GuardLoop:
         self._gauges()
         return position
 
-    def audit(self, action: str, detail: dict[str, object]) -> None:
+    def audit(self, action: str, detail: Mapping[str, object]) -> None:
         """Record a mutating call in the audit log, best effort: a store that cannot take
         the entry (a full disk) never stops the action itself, least of all a close."""
         try:
@@ -165,7 +166,7 @@ class GuardLoop:
         except StoreError as exc:
             log.error("[GUARD] %s not written to the audit log: %s", action, exc)
 
-    # -- the account (SPEC 8) -------------------------------------------
+    # -- the account (docs/account.md) -------------------------------------------
 
     def apply_account(self, symbol: str, verdict: Reconciled, broker_quantity: float) -> None:
         """Act on what the broker holds for one open position: close it as external (no
@@ -258,6 +259,32 @@ class GuardLoop:
         self._gauges()
         self.sweeps += 1
         self.last_sweep_at = now
+
+    def snapshot(
+        self, *, feed: FeedStatus, dns: DnsStatus, poll: PollStatus | None, account: AccountStatus
+    ) -> Snapshot:
+        """The daemon as it is now, with the adapters' own status: what the API, the STATUS
+        line and the age collector read. Two dict copies; the objects in them are frozen."""
+        now, wall = self._mono(), self._wall()
+        market_open = self._market_at(wall)
+        until = self._market_until
+        return Snapshot(
+            taken_at=now,
+            wall=wall,
+            prices=self.guard.book.view(),
+            guard=self.guard.view(),
+            feed=feed,
+            dns=dns,
+            poll=poll,
+            account=account,
+            market_open=market_open,
+            next_market_change=datetime.fromtimestamp(until, UTC) if until < math.inf else None,
+            tz=self.market.tz,
+            held_back=tuple(self.held_back),
+            sweeps=self.sweeps,
+            sweep_interval=self.sweep_interval,
+            last_sweep_at=self.last_sweep_at,
+        )
 
     async def run(self) -> None:
         """The sweep loop, forever."""

@@ -1,4 +1,4 @@
-"""A rate limit for log lines that someone outside can cause (SPEC section 6).
+"""A rate limit for log lines that someone outside can cause (docs/logs.md).
 
 journald drops a service's lines once it writes more than its burst per
 interval, whatever they say: a flood of bad requests would take `[SL]` and

@@ -1,4 +1,4 @@
-"""Every Prometheus series tickguard exports (SPEC sections 5 and 8), built in one place.
+"""Every Prometheus series tickguard exports (docs/metrics.md), built in one place.
 
 Tests pass a fresh `CollectorRegistry()`; the daemon uses its own registry
 too (never the global one), with the process and platform collectors added.
@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tickguard import __version__
+from tickguard.status import Snapshot
 
 # No `<name>_created` series: they doubled the exposition (one per counter and
 # histogram child) and nothing reads them; restarts show in process_start_time.
@@ -42,6 +43,7 @@ EXIT_REASONS = ("stop_loss", "take_profit", "trailing_stop", "blind", "emergency
 PRICE_SOURCES = ("live", "poll", "cache", "manual", "none")
 EXIT_FAILURE_REASONS = ("rejected", "timeout", "unavailable")
 ORDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -111,7 +113,7 @@ class Metrics:
         self.open_positions = Gauge(
             "tickguard_open_positions", "Positions being guarded", registry=r
         )
-        # The account (SPEC 8): the broker's positions, reconciled against ours.
+        # The account (docs/account.md): the broker's positions, reconciled against ours.
         self.unguarded_positions = Gauge(
             "tickguard_unguarded_positions",
             "Open broker positions that no one guards (no rule matches, or never registered)",
@@ -146,6 +148,13 @@ class Metrics:
             "Last measured event-loop scheduling delay",
             registry=r,
         )
+        # Every probe's delay, so a p99 can be read (histogram_quantile) and alerted on.
+        self.event_loop_lag_observed = Histogram(
+            "tickguard_event_loop_lag_observed_seconds",
+            "Event-loop scheduling delay of each lag probe",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         # The freshness thresholds from the config (prices.*), so alert rules and
         # dashboards compare ages against the daemon's own settings.
         self.price_stale_threshold = Gauge(
@@ -178,31 +187,34 @@ class Metrics:
 
 
 class AgeCollector(Collector):
-    """Price ages of guarded symbols, computed at scrape time.
+    """Price ages of guarded symbols, computed at scrape time from the newest snapshot.
 
-    `ages` returns (symbol, age seconds, stale or unusable) for each guarded symbol.
+    `snapshot` gives it (the API refreshes it before each scrape), `now` the
+    clock its times are on.
     """
 
-    def __init__(self, ages: Callable[[], Iterable[tuple[str, float, bool]]]) -> None:
-        self._ages = ages
+    def __init__(self, snapshot: Callable[[], Snapshot], now: Callable[[], float]) -> None:
+        self._snapshot = snapshot
+        self._now = now
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        rows = list(self._ages())
+        snapshot, now = self._snapshot(), self._now()
+        quotes = snapshot.guarded_quotes(now)
         per_symbol = GaugeMetricFamily(
             "tickguard_price_age_seconds",
             "Age of the newest usable price of each guarded symbol",
             labels=["symbol"],
         )
-        for symbol, age, _ in rows:
-            per_symbol.add_metric([symbol], age)
+        for q in quotes:
+            per_symbol.add_metric([q.symbol], q.age)
         yield per_symbol
         yield GaugeMetricFamily(
             "tickguard_price_age_max_seconds",
             "Max price age over guarded symbols (0 with no positions)",
-            value=max((age for _, age, _ in rows), default=0.0),
+            value=max((q.age for q in quotes), default=0.0),
         )
         yield GaugeMetricFamily(
             "tickguard_stale_symbols",
             "Guarded symbols whose price is stale or unusable",
-            value=sum(1 for *_, stale in rows if stale),
+            value=len(snapshot.stale_symbols(now)),
         )

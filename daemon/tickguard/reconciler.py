@@ -1,4 +1,4 @@
-"""Reconciliation: the broker's account decides what is open (SPEC 8).
+"""Reconciliation: the broker's account decides what is open (docs/account.md).
 
 The account is read at start, every `account.reconcile_interval`, after
 every feed (re)connect, after a paper trade, and right before each exit is
@@ -30,6 +30,7 @@ from tickguard.core.positions import PositionState
 from tickguard.errors import BrokerError, PositionExists
 from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
+from tickguard.status import AccountStatus
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,17 @@ class Reconciler:
             )
         return allowed
 
+    def status(self) -> AccountStatus:
+        view = self.view
+        return AccountStatus(
+            holdings=dict(view.holdings) if view is not None else None,
+            reconciled_at=view.reconciled_at if view is not None else None,
+            last_error=self.last_error,
+            unguarded=tuple(self.unguarded()),
+        )
+
     def unguarded(self) -> list[Holding]:
-        """Open broker positions that no guarded position covers (SPEC 8: reported)."""
+        """Open broker positions that no guarded position covers (docs/account.md: reported)."""
         if self.view is None:
             return []
         guarded = set(self.guard_loop.guard.symbols())

@@ -1,7 +1,7 @@
 """The built-in market simulator: a real feed server for the demo and the tests.
 
 Serves the `json` feed protocol at `/ws` and the REST fallback at `/prices`
-(SPEC section 3), moves prices by a random walk, and takes scripted faults:
+(docs/config.md, the `json` feed protocol), moves prices by a random walk, and takes scripted faults:
 
     POST /faults {"mode": "none" | "drop" | "silence" | "blackhole" | "refuse" | "garbage",
                   "poll": "ok" | "error" | "ratelimit" | "blackhole",   (optional)

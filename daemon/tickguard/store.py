@@ -109,7 +109,7 @@ MIGRATIONS: tuple[str, ...] = (
         resolved_at REAL NOT NULL
     );
     """,
-    # 2 -> 3: the paper broker's account (SPEC 8): every trade on it, tickguard's own
+    # 2 -> 3: the paper broker's account (docs/account.md): every trade on it, tickguard's own
     # fills and trades made outside tickguard alike, and the net position they add up to.
     """
     CREATE TABLE paper_trades (
@@ -127,14 +127,14 @@ MIGRATIONS: tuple[str, ...] = (
         average_price REAL,
         updated_at REAL NOT NULL
     );
-    -- Who registered each position (SPEC 8: config, api, or broker by a [[rules]] entry).
+    -- Who registered each position (docs/account.md: config, api, or broker by a [[rules]] entry).
     ALTER TABLE positions ADD COLUMN origin TEXT NOT NULL DEFAULT 'api'
         CHECK (origin IN ('config', 'api', 'broker'));
     -- How much of an exit filled (less than its quantity: partly; the rest is exited again).
     ALTER TABLE exits ADD COLUMN filled_quantity REAL;
     -- Whether the broker has shown it held (until then it is "unconfirmed").
     ALTER TABLE positions ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 0;
-    -- Positions closed outside tickguard: no order, no client order id (SPEC 8).
+    -- Positions closed outside tickguard: no order, no client order id (docs/account.md).
     CREATE TABLE external_closes (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         position_id INTEGER NOT NULL UNIQUE REFERENCES positions (id),

@@ -753,7 +753,7 @@ async def test_openapi_documents_every_route(ticks: TickServer, start: Start) ->
     }
     routes = {
         (route.resource.canonical, route.method)
-        for route in build_app(d.daemon).router.routes()
+        for route in build_app(d.daemon.port, d.daemon.metrics.registry).router.routes()
         if route.resource is not None and route.method != "HEAD"
     }
     assert routes == documented
@@ -848,7 +848,10 @@ async def test_registering_a_position_fills_its_entry_on_the_paper_account(
     ticks.prices["TCS"] = 3500.0
     d = await start(ticks.url, **account_tables())
     await d.open("TCS", "short", 4, 3510.0, stop_loss=3600.0)
-    await eventually(lambda: d.daemon.reconciler.view is not None, what="a reconciliation")
+    await eventually(
+        lambda: (view := d.daemon.reconciler.view) is not None and "TCS" in view.holdings,
+        what="a reconciliation that saw the entry",
+    )
     status, body = await d.call("GET", "/api/v1/account")
     assert status == 200
     assert body["positions"] == [

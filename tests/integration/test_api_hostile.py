@@ -574,7 +574,9 @@ async def test_when_every_connection_has_a_request_in_flight_newcomers_are_close
         reader, writer = await asyncio.open_connection(LOOPBACK, d.port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         async with asyncio.timeout(10):
-            assert await reader.read() == b""  # closed unanswered
+            # Closed unanswered: an EOF, or a reset when the request was already sent.
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read() == b""
         writer.close()
         reader, writer = busy.pop()
         writer.write(body)

@@ -66,6 +66,7 @@ async def test_metrics_output_passes_promtool_check_metrics(daemon: app.Daemon) 
     daemon.book.update("BOSCHLTD", 720.0, None, PriceSource.POLL, daemon.monotonic())
     daemon.guard_loop.sweep()
     daemon.metrics.order_seconds.observe(0.05)
+    daemon.port.publish(daemon.snapshot())  # the age collector reads the newest snapshot
     text = generate_latest(daemon.metrics.registry)
     assert b'tickguard_price_age_seconds{symbol="BOSCHLTD"}' in text
     assert b'symbol="TCS"' not in text  # subscribed but not guarded: no per-symbol series

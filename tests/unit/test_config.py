@@ -1,10 +1,10 @@
-"""Configuration parsing and validation (SPEC section 2)."""
+"""Configuration parsing and validation (docs/config.md)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
+import inspect
 import ipaddress
 import math
 import re
@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tickguard import config as cfg
+from tickguard.brokers.upstox import UpstoxBroker
 from tickguard.config import (
     DEFAULTS,
     BlindPolicy,
@@ -25,7 +26,6 @@ from tickguard.config import (
     ConfigFileError,
     Nameserver,
     config_path,
-    default_config,
     load_config,
     parse_config,
     parse_listen,
@@ -33,6 +33,7 @@ from tickguard.config import (
     parse_session,
 )
 from tickguard.core.account import ExitRule
+from tickguard.core.backoff import BackoffPolicy
 from tickguard.core.positions import PositionSpec, Side
 from tickguard.errors import ConfigError, ConfigProblem
 
@@ -78,24 +79,175 @@ def only_problem(data: Mapping[str, object]) -> ConfigProblem:
     return found[0]
 
 
-def with_url(config: Config, url: str) -> Config:
-    return dataclasses.replace(config, feed=dataclasses.replace(config.feed, url=url))
-
-
 # --- defaults and the example file ---------------------------------------------------------
+
+# Every default, written out here independently of tickguard.config (from docs/config.md
+# and packaging/config.example.toml): changing a default in the code fails a test.
+EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
+    "daemon": {"state_dir": "/var/lib/tickguard", "log_level": "info"},
+    "http": {"listen": "127.0.0.1:8000", "token_file": ""},
+    "feed": {
+        "protocol": "json",
+        "url": "",
+        "symbols": [],
+        "ping_interval": 5.0,
+        "ping_timeout": 5.0,
+        "silence_timeout": 10.0,
+        "fallback_url": "",
+        "poll_interval": 1.0,
+        "reconnect": {
+            "initial_delay": 0.5,
+            "max_delay": 30.0,
+            "multiplier": 2.0,
+            "jitter": 0.5,
+            "dns_check_every": 3,
+            "stable_after": 30.0,
+        },
+    },
+    "dns": {
+        "servers": [],
+        "fallback_servers": ["8.8.8.8", "1.1.1.1", "8.8.4.4", "1.0.0.1"],
+        "timeout": 5.0,
+    },
+    "prices": {"cache_timeout": 300.0, "stale_warning": 30.0},
+    "guard": {"sweep_interval": 1.0, "blind_policy": "hold", "blind_after": 300.0},
+    "market": {
+        "timezone": "Asia/Kolkata",
+        "sessions": ["09:15-15:30"],
+        "weekdays": ["mon", "tue", "wed", "thu", "fri"],
+        "holidays": [],
+        "always_open": False,
+    },
+    "broker": {"kind": "paper"},
+    "upstox": {
+        "api_url": "https://api.upstox.com",
+        "hft_url": "https://api-hft.upstox.com",
+        "token_file": "",
+        "product": "I",
+    },
+    "account": {
+        "source": "config",
+        "reconcile_interval": 5.0,
+        "confirm_within": 60.0,
+        "products": ["I", "D", "MTF"],
+    },
+}
+
+
+def expected_config(url: str = URL, state_dir: Path = Path("/var/lib/tickguard")) -> Config:
+    """The Config a file holding only feed.url (and no environment) gives, written out."""
+    return Config(
+        daemon=cfg.DaemonConfig(state_dir, "info"),
+        http=cfg.HttpConfig("127.0.0.1", 8000, ""),
+        feed=cfg.FeedConfig(
+            protocol="json",
+            url=url,
+            symbols=(),
+            ping_interval=5.0,
+            ping_timeout=5.0,
+            silence_timeout=10.0,
+            fallback_url="",
+            poll_interval=1.0,
+            reconnect=cfg.ReconnectConfig(0.5, 30.0, 2.0, 0.5, 3, 30.0),
+        ),
+        dns=cfg.DnsConfig(
+            servers=(),
+            fallback_servers=tuple(
+                Nameserver(ip) for ip in ("8.8.8.8", "1.1.1.1", "8.8.4.4", "1.0.0.1")
+            ),
+            timeout=5.0,
+        ),
+        prices=cfg.PricesConfig(cache_timeout=300.0, stale_warning=30.0),
+        guard=cfg.GuardConfig(1.0, BlindPolicy.HOLD, 300.0),
+        market=cfg.MarketConfig(
+            timezone="Asia/Kolkata",
+            sessions=((datetime.time(9, 15), datetime.time(15, 30)),),
+            weekdays=frozenset(range(5)),
+            holidays=frozenset(),
+            always_open=False,
+        ),
+        broker=cfg.BrokerConfig("paper"),
+        upstox=cfg.UpstoxConfig("https://api.upstox.com", "https://api-hft.upstox.com", "", "I"),
+        account=cfg.AccountConfig("config", 5.0, 60.0, ("I", "D", "MTF")),
+    )
+
+
+def test_defaults_are_the_documented_values() -> None:
+    """DEFAULTS holds exactly the documented defaults, key for key and value for value."""
+    assert _plain(DEFAULTS) == EXPECTED_DEFAULTS
+
+
+def test_default_values_have_the_types_toml_gives() -> None:
+    """Numbers written 5.0 are floats and counts ints, as tomllib reads them from the example."""
+
+    def types_of(table: Mapping[str, object]) -> dict[str, object]:
+        return {
+            k: types_of(v) if isinstance(v, Mapping) else type(v).__name__ for k, v in table.items()
+        }
+
+    assert types_of(_plain(DEFAULTS)) == types_of(EXPECTED_DEFAULTS)
+
+
+def test_minimal_config_is_the_defaults() -> None:
+    """A file holding only feed.url gives the defaults, spelled out, for everything else."""
+    assert parse_config(build(), env=NO_ENV) == expected_config()
+
+
+def test_defaults_table_parses_to_the_defaults() -> None:
+    """DEFAULTS written out in full (with a url) parses to what leaving every key out gives."""
+    data = _plain(DEFAULTS)  # fresh dicts and lists
+    data["feed"]["url"] = URL
+    assert parse_config(data, env=NO_ENV) == expected_config()
 
 
 def test_example_parses_to_exactly_the_defaults() -> None:
-    """packaging/config.example.toml gives the DEFAULT_* values, feed.url aside."""
-    assert load_config(EXAMPLE, env=NO_ENV) == with_url(default_config(env=NO_ENV), EXAMPLE_URL)
+    """packaging/config.example.toml gives the defaults, feed.url aside."""
+    assert load_config(EXAMPLE, env=NO_ENV) == expected_config(EXAMPLE_URL)
+
+
+def test_example_spells_out_every_default() -> None:
+    """Read as plain TOML, the example is DEFAULTS with its feed.url set and state_dir
+    left commented out (so that $STATE_DIRECTORY applies)."""
+    with EXAMPLE.open("rb") as file:
+        data = tomllib.load(file)
+    data["feed"]["url"] = ""
+    data["daemon"]["state_dir"] = EXPECTED_DEFAULTS["daemon"]["state_dir"]
+    assert data == _plain(DEFAULTS)
 
 
 def test_example_defers_to_state_directory(tmp_path: Path) -> None:
     """The example leaves state_dir to $STATE_DIRECTORY, as the default does."""
     env = {"STATE_DIRECTORY": str(tmp_path)}
     loaded = load_config(EXAMPLE, env=env)
-    assert loaded.daemon.state_dir == tmp_path
-    assert loaded == with_url(default_config(env=env), EXAMPLE_URL)
+    assert loaded == expected_config(EXAMPLE_URL, state_dir=tmp_path)
+
+
+def test_default_lookup() -> None:
+    """config.default gives one key's default by its dotted key, checked against a type."""
+    assert cfg.default("feed.reconnect.jitter", float) == 0.5
+    assert cfg.default("account.products", tuple) == ("I", "D", "MTF")
+    with pytest.raises(KeyError):
+        cfg.default("feed.reconnect.jiter", float)
+    with pytest.raises(KeyError):
+        cfg.default("rules.symbols", tuple)  # [[rules]] and [[positions]] have no defaults
+    with pytest.raises(KeyError):
+        cfg.default("feed.url.host", str)
+    with pytest.raises(TypeError, match=r"feed\.ping_interval"):
+        cfg.default("feed.ping_interval", str)
+
+
+def test_upstox_broker_defaults_are_the_configs() -> None:
+    """UpstoxBroker's constructor defaults are the [upstox] and [account] defaults."""
+    parameters = inspect.signature(UpstoxBroker).parameters
+    defaults = {name: parameters[name].default for name in ("api_url", "hft_url", "product")}
+    assert defaults == {k: v for k, v in EXPECTED_DEFAULTS["upstox"].items() if k in defaults}
+    assert list(parameters["products"].default) == EXPECTED_DEFAULTS["account"]["products"]
+
+
+def test_default_reconnect_is_a_valid_backoff_policy() -> None:
+    """The parsed [feed.reconnect] defaults make the documented reconnect schedule."""
+    policy = BackoffPolicy(*dataclasses.astuple(expected_config().feed.reconnect))
+    assert [policy.base_delay(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
 
 
 def _flat_keys(table: Mapping[str, object], prefix: str = "") -> list[str]:
@@ -131,13 +283,6 @@ def test_example_documents_every_key() -> None:
         assert above.startswith("# ") and not re.match(r"# [a-z_]+ = ", above), key
 
 
-def test_defaults_table_matches_default_config() -> None:
-    """DEFAULTS, fed to the parser (with a url), gives default_config(): one set of defaults."""
-    data = copy.deepcopy(_plain(DEFAULTS))
-    data["feed"]["url"] = URL
-    assert parse_config(data, env=NO_ENV) == with_url(default_config(env=NO_ENV), URL)
-
-
 def _plain(table: Mapping[str, object]) -> dict[str, dict[str, object]]:
     """DEFAULTS as nested dicts with lists, the shape tomllib returns."""
 
@@ -149,42 +294,6 @@ def _plain(table: Mapping[str, object]) -> dict[str, dict[str, object]]:
     result = convert(table)
     assert isinstance(result, dict)
     return result
-
-
-def test_minimal_config_is_the_defaults() -> None:
-    """A file holding only feed.url gives the defaults for everything else."""
-    assert parse_config(build(), env=NO_ENV) == with_url(default_config(env=NO_ENV), URL)
-
-
-def test_default_values_spelled_out() -> None:
-    """The defaults are SPEC section 2's numbers, not just self-consistent."""
-    d = default_config(env=NO_ENV)
-    assert (d.http.host, d.http.port, d.http.token_file) == ("127.0.0.1", 8000, "")
-    assert d.daemon == cfg.DaemonConfig(Path("/var/lib/tickguard"), "info")
-    assert d.feed.reconnect == cfg.ReconnectConfig(0.5, 30.0, 2.0, 0.5, 3, 30.0)
-    assert (d.feed.ping_interval, d.feed.ping_timeout, d.feed.silence_timeout) == (5.0, 5.0, 10.0)
-    assert (d.feed.protocol, d.feed.symbols, d.feed.fallback_url) == ("json", (), "")
-    assert d.feed.poll_interval == 1.0
-    assert [str(ns) for ns in d.dns.fallback_servers] == [
-        "8.8.8.8",
-        "1.1.1.1",
-        "8.8.4.4",
-        "1.0.0.1",
-    ]
-    assert (d.dns.servers, d.dns.timeout) == ((), 5.0)
-    assert d.prices == cfg.PricesConfig(cache_timeout=300.0, stale_warning=30.0)
-    assert d.guard == cfg.GuardConfig(1.0, BlindPolicy.HOLD, 300.0)
-    assert d.market.sessions == ((datetime.time(9, 15), datetime.time(15, 30)),)
-    assert d.market.weekdays == frozenset(range(5))
-    assert (d.market.timezone, d.market.holidays, d.market.always_open) == (
-        "Asia/Kolkata",
-        frozenset(),
-        False,
-    )
-    assert d.broker.kind == "paper"
-    assert d.positions == ()
-    assert d.account == cfg.AccountConfig("config", 5.0, 60.0, ("I", "D", "MTF"))
-    assert d.rules == ()
 
 
 def test_config_is_frozen() -> None:
@@ -554,7 +663,7 @@ def test_positions_parse() -> None:
 
 
 def test_stop_on_profit_side_is_valid() -> None:
-    """A long's stop above its entry (a locked-in profit) is valid, as SPEC says."""
+    """A long's stop above its entry (a locked-in profit) is valid, as the example says."""
     entry = {**LONG, "stop_loss": 750.0, "take_profit": 800.0}
     assert parse_config(build(positions=[entry]), env=NO_ENV).positions[0].stop_loss == 750.0
 
@@ -607,7 +716,7 @@ def test_two_positions_on_one_symbol() -> None:
     assert "positions[0]" in problem.expected
 
 
-# --- [account] and [[rules]] (SPEC section 8) ----------------------------------------------
+# --- [account] and [[rules]] (docs/account.md) ---------------------------------------------
 
 RULE = {"symbols": ["*"], "stop_loss_pct": 2.0}
 HUGE = int("9" * 400)  # a double cannot hold it: float(HUGE) raises OverflowError

@@ -28,7 +28,7 @@ class Broker(Protocol):
     async def find_order(self, client_order_id: str) -> OrderReport | None: ...
 
     async def positions(self) -> list[Holding]:
-        """The account's open net positions, one per symbol (SPEC 8); BrokerUnavailable
+        """The account's open net positions, one per symbol (docs/account.md); BrokerUnavailable
         when the broker cannot say (the caller keeps its last view)."""
         ...
 

@@ -111,7 +111,7 @@ class PaperBroker:
 
     def open_if_flat(self, spec: PositionSpec) -> None:
         """A position registered on a symbol the paper account is flat in: its entry filled
-        (SPEC 8), recorded as the opening trade at the entry price."""
+        (docs/account.md), recorded as the opening trade at the entry price."""
         if self._store.paper_position(spec.symbol) is None:
             side = "buy" if spec.side is Side.LONG else "sell"
             self._store.record_paper_trade(

@@ -17,7 +17,7 @@ Outcomes are mapped by what the caller must do:
   says nothing about whether it exists, so every failure other than "no such
   order" is BrokerUnavailable.
 
-The account (SPEC 8): `positions()` reads `GET {api}/v2/portfolio/short-term-positions`
+The account (docs/account.md): `positions()` reads `GET {api}/v2/portfolio/short-term-positions`
 (one entry per instrument key and product, `quantity` net and signed) and
 answers one `Holding` per instrument key, summed over the products that count.
 Every counted entry is validated whole; one that is malformed fails the whole
@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from tickguard.config import DEFAULT_ACCOUNT_PRODUCTS
+from tickguard import config
 from tickguard.core import untrusted
 from tickguard.core.account import Holding
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
@@ -47,13 +47,14 @@ from tickguard.replies import BadReply, read_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_API_URL = "https://api.upstox.com"
-DEFAULT_HFT_URL = "https://api-hft.upstox.com"  # order place/modify/cancel
-DEFAULT_PRODUCT = "I"  # intraday
+# The configuration's defaults (config.DEFAULTS, docs/config.md), not copies of them.
+DEFAULT_API_URL: str = config.default("upstox.api_url", str)
+DEFAULT_HFT_URL: str = config.default("upstox.hft_url", str)  # order place/modify/cancel
+DEFAULT_PRODUCT: str = config.default("upstox.product", str)
+DEFAULT_PRODUCTS: tuple[str, ...] = config.default("account.products", tuple)  # counted positions
 DEFAULT_FILL_WAIT = 5.0  # seconds place_exit waits for an accepted order to complete
 DETAILS_POLL_INTERVAL = 0.2  # seconds between order detail polls while waiting for the fill
 REQUEST_TIMEOUT = 5.0  # seconds for one HTTP exchange with Upstox
-DEFAULT_PRODUCTS = DEFAULT_ACCOUNT_PRODUCTS  # products whose positions count ([account] products)
 POSITIONS_TIMEOUT = 2.0  # seconds for one positions call: it is made right before an exit
 POSITIONS_PATH = "/v2/portfolio/short-term-positions"
 

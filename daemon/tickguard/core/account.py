@@ -1,4 +1,4 @@
-"""The broker's account as the truth (SPEC 8): holdings, exit rules, and exit sizing.
+"""The broker's account as the truth (docs/account.md): holdings, exit rules, and exit sizing.
 
 Pure: the broker adapters report `Holding`s; this module decides what they
 mean for the positions tickguard guards. The one invariant it serves: no
@@ -92,7 +92,7 @@ def apply_trade(holding: Holding | None, symbol: str, delta: float, price: float
 
 
 class Verdict(enum.Enum):
-    """What the broker's holding means for one guarded, open position (SPEC 8)."""
+    """What the broker's holding means for one guarded, open position (docs/account.md)."""
 
     UNCONFIRMED = "unconfirmed"  # registered, the broker shows nothing yet: keep guarding
     HELD = "held"  # the broker holds exactly the guarded quantity

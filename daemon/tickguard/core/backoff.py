@@ -1,13 +1,19 @@
-"""The reconnect backoff schedule ([feed.reconnect]).
+"""Capped exponential backoff: the one schedule every growing delay uses.
 
-Delays grow geometrically along a *streak* of failed attempts, capped at
-`max_delay`, each randomised by `jitter`. A streak ends only when a connection
-has lived `stable_after` seconds: a server that accepts and then closes at
-once keeps the delay growing instead of being hammered.
+`Exponential` is the schedule: `initial` after the first failure in a row,
+times `multiplier` after each further one, never above `cap`. It paces feed
+reconnects (`BackoffPolicy`, [feed.reconnect] in docs/config.md), exit retries
+(`core.exits.retry_delay`) and the hold after a refused exit (`core.guard`).
+
+For reconnects, delays grow along a *streak* of failed attempts, each
+randomised by `jitter`. A streak ends only when a connection has lived
+`stable_after` seconds: a server that accepts and then closes at once keeps
+the delay growing instead of being hammered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,41 +25,91 @@ class Uniform(Protocol):
     def uniform(self, a: float, b: float) -> float: ...
 
 
-@dataclass(frozen=True, slots=True)
-class BackoffPolicy:
-    """The schedule's parameters; defaults are SPEC section 2's."""
+_Rule = tuple[str, object, bool, str]  # (name, value, whether valid, what is expected)
 
-    initial_delay: float = 0.5
-    max_delay: float = 30.0
+
+def _require(*rules: _Rule) -> None:
+    """Raise ValueError naming the first rule that is broken."""
+    for name, value, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"{name} = {value!r}; expected {expected}")
+
+
+def _growth_rules(
+    names: tuple[str, str, str], initial: float, cap: float, multiplier: float
+) -> tuple[_Rule, ...]:
+    """The rules of a capped exponential schedule, named as its owner names the three."""
+    initial_name, cap_name, multiplier_name = names
+    return (
+        (initial_name, initial, 0 < initial < math.inf, "a finite number > 0"),
+        (cap_name, cap, initial <= cap < math.inf, f"a finite number >= {initial_name}"),
+        (multiplier_name, multiplier, 1 <= multiplier < math.inf, "a finite number >= 1"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Exponential:
+    """A capped exponential delay: `initial`, then times `multiplier` per failure, up to `cap`."""
+
+    initial: float  # seconds after the first failure
+    cap: float  # seconds: no delay is longer
     multiplier: float = 2.0
-    jitter: float = 0.5  # fraction of each delay randomised, 0..1
-    dns_check_every: int = 3  # re-check DNS health on every N-th failure of a streak
-    stable_after: float = 30.0  # a connection that lives this long ends the streak
 
     def __post_init__(self) -> None:
-        rules = (
-            ("initial_delay", 0 < self.initial_delay < math.inf, "a finite number > 0"),
-            (
-                "max_delay",
-                self.initial_delay <= self.max_delay < math.inf,
-                "a finite number >= initial_delay",
-            ),
-            ("multiplier", 1 <= self.multiplier < math.inf, "a finite number >= 1"),
-            ("jitter", 0 <= self.jitter <= 1, "a number from 0 to 1"),
-            ("dns_check_every", self.dns_check_every >= 1, "an integer >= 1"),
-            ("stable_after", 0 <= self.stable_after < math.inf, "a finite number >= 0"),
+        _require(
+            *_growth_rules(
+                ("initial", "cap", "multiplier"), self.initial, self.cap, self.multiplier
+            )
         )
-        for name, ok, expected in rules:
-            if not ok:
-                raise ValueError(f"{name} = {getattr(self, name)!r}; expected {expected}")
+
+    def delay(self, failures: int) -> float:
+        """The delay after the `failures`-th failure in a row (1-based; 0 or less counts as 1).
+
+        Never raises: a count so large that the growth overflows gives `cap`.
+        """
+        try:
+            grown = self.initial * self.multiplier ** max(0, failures - 1)
+        except OverflowError:  # float ** int raises instead of giving inf
+            return self.cap
+        return min(self.cap, grown)
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    """The reconnect schedule's parameters ([feed.reconnect]; config.DEFAULTS holds the
+    defaults, docs/config.md explains them)."""
+
+    initial_delay: float
+    max_delay: float
+    multiplier: float
+    jitter: float  # fraction of each delay randomised, 0..1
+    dns_check_every: int  # re-check DNS health on every N-th failure of a streak
+    stable_after: float  # a connection that lives this long ends the streak
+    growth: Exponential = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _require(
+            *_growth_rules(
+                ("initial_delay", "max_delay", "multiplier"),
+                self.initial_delay,
+                self.max_delay,
+                self.multiplier,
+            ),
+            ("jitter", self.jitter, 0 <= self.jitter <= 1, "a number from 0 to 1"),
+            ("dns_check_every", self.dns_check_every, self.dns_check_every >= 1, "an integer >= 1"),
+            (
+                "stable_after",
+                self.stable_after,
+                0 <= self.stable_after < math.inf,
+                "a finite number >= 0",
+            ),
+        )
+        growth = Exponential(self.initial_delay, self.max_delay, self.multiplier)
+        object.__setattr__(self, "growth", growth)  # frozen: set once, here
 
     def base_delay(self, number: int) -> float:
         """The delay before jitter after the `number`-th failure of a streak (1-based)."""
-        try:
-            grown = self.initial_delay * self.multiplier ** (number - 1)
-        except OverflowError:  # float ** int raises instead of giving inf
-            return self.max_delay
-        return min(self.max_delay, grown)
+        return self.growth.delay(number)
 
 
 @dataclass(frozen=True, slots=True)

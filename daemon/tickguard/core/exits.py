@@ -26,6 +26,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
+from tickguard.core.backoff import Exponential
 from tickguard.core.positions import ExitReason, Side
 from tickguard.core.prices import PriceSource
 
@@ -41,7 +42,7 @@ class ExitState(enum.Enum):
     RETRY = "retry"  # the broker was unreachable or timed out: reconcile, then resend
     FILLED = "filled"  # the broker confirmed the fill: the position is closed
     REJECTED = "rejected"  # the broker refused: no order exists
-    CANCELLED = "cancelled"  # not sent: the broker holds nothing to exit (SPEC 8)
+    CANCELLED = "cancelled"  # not sent: the broker holds nothing to exit (docs/account.md)
 
     @property
     def in_flight(self) -> bool:
@@ -62,8 +63,9 @@ class InvalidTransition(ValueError):
 
 
 def retry_delay(failures: int) -> float:
-    """Delay before trying again after `failures` unanswered calls in a row (bounded exponential)."""
-    return min(RETRY_MAX_DELAY, RETRY_INITIAL_DELAY * 2.0 ** max(0, failures - 1))
+    """Delay before trying again after `failures` unanswered calls in a row (capped exponential)."""
+    # Built at each call: tests shorten the schedule by patching the two constants.
+    return Exponential(RETRY_INITIAL_DELAY, RETRY_MAX_DELAY).delay(failures)
 
 
 @dataclass(frozen=True, slots=True)

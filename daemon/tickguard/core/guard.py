@@ -13,6 +13,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tickguard.core.backoff import Exponential
 from tickguard.core.exits import Exit, ExitState
 from tickguard.core.positions import (
     ExitReason,
@@ -24,9 +25,8 @@ from tickguard.core.positions import (
 from tickguard.core.prices import PriceBook, PriceSource, Quote
 
 # After the broker refuses an automatic exit, the rule that fired it is
-# re-armed after 1 s, 2 s, 4 s, ... up to this; a manual close is never held.
-REJECT_HOLD_INITIAL = 1.0
-REJECT_HOLD_MAX = 60.0
+# re-armed after 1 s, 2 s, 4 s, ... up to 60 s; a manual close is never held.
+REJECT_HOLD = Exponential(initial=1.0, cap=60.0)
 
 
 class BlindPolicy(enum.Enum):
@@ -55,7 +55,7 @@ class BlindChanged:
 
 @dataclass(frozen=True, slots=True)
 class HeldForOpen:
-    """A rule was crossed while the market is closed: no order (SPEC 4a). Said once per
+    """A rule was crossed while the market is closed: no order (docs/config.md, market hours). Said once per
     position per closed spell; the position stays armed and is judged again on the
     first usable price received after the open."""
 
@@ -83,6 +83,21 @@ class PositionExists(ValueError):
 
     def __str__(self) -> str:
         return f"{self.position.symbol} already has a {self.position.state.value} position"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardView:
+    """The guarded positions and what the guard knows of each symbol (`Guard.view()`)."""
+
+    positions: dict[str, Position]  # by symbol: open and exiting
+    since: dict[str, float]  # monotonic: when each symbol began to be guarded
+    blind: frozenset[str]
+    held_for_open: tuple[str, ...]  # crossed while the market is closed (sorted)
+    exits_in_flight: tuple[Exit, ...]
+
+    @property
+    def retrying(self) -> int:
+        return sum(1 for e in self.exits_in_flight if e.state is ExitState.RETRY)
 
 
 @dataclass(slots=True)
@@ -164,6 +179,17 @@ class Guard:
     def held_for_open(self) -> list[str]:
         """Symbols whose crossed rule waits for the market to open (sorted)."""
         return sorted(s for s, g in self._guarded.items() if g.held)
+
+    def view(self) -> GuardView:
+        """A frozen copy of what readers off the guard loop may see (the API, the metrics)."""
+        guarded = self._guarded.items()
+        return GuardView(
+            positions={s: g.position for s, g in guarded},
+            since={s: g.since for s, g in guarded},
+            blind=frozenset(s for s, g in guarded if g.blind),
+            held_for_open=tuple(self.held_for_open()),
+            exits_in_flight=tuple(self._exits.values()),
+        )
 
     # -- evaluation -----------------------------------------------------
 
@@ -310,7 +336,7 @@ class Guard:
         exit = self._exits.pop(client_order_id).cancelled(detail)
         return exit, self._reopen(exit, now)
 
-    # -- the account (SPEC 8) -------------------------------------------
+    # -- the account (docs/account.md) -------------------------------------------
 
     def account_update(
         self, symbol: str, quantity: float, entry_price: float | None, *, confirmed: bool
@@ -389,8 +415,7 @@ class Guard:
         guarded.position = dataclasses.replace(
             guarded.position, state=PositionState.OPEN, exit_id=None
         )
-        hold = REJECT_HOLD_INITIAL * 2.0 ** max(0, guarded.position.exit_seq - 1)
-        guarded.hold_until = now + min(REJECT_HOLD_MAX, hold)
+        guarded.hold_until = now + REJECT_HOLD.delay(guarded.position.exit_seq)
         return guarded.position
 
 
@@ -402,6 +427,7 @@ __all__ = [
     "ExitDecided",
     "ExitState",
     "Guard",
+    "GuardView",
     "HeldForOpen",
     "PositionExists",
 ]

@@ -182,7 +182,7 @@ class Position:
     exit_seq: int = 0
     exit_id: str | None = None  # client order id of the exit in flight or done
     origin: str = "api"  # who registered it: config, api, or broker (a [[rules]] import)
-    confirmed: bool = False  # the broker has shown it held (SPEC 8: unconfirmed until then)
+    confirmed: bool = False  # the broker has shown it held (docs/account.md: unconfirmed until then)
     # Wall-clock epoch seconds it was registered (for confirm_within); bookkeeping of the
     # store, not part of what a position is: left out of comparisons.
     created_at: float = dataclasses.field(default=0.0, compare=False)

@@ -1,7 +1,7 @@
 """The price book: the newest price per symbol, where it came from, and how old it is.
 
 Freshness is judged on our monotonic receipt time, never on wall-clock or
-exchange time (SPEC 4a). Two channels deliver prices: the live socket and the
+exchange time (docs/config.md, prices). Two channels deliver prices: the live socket and the
 REST poll. Each has a *session*: an unbroken stretch during which it is known
 healthy. A price keeps its channel as source only while that channel's
 session it arrived in is still healthy; otherwise it is served as `cache`.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 
 class PriceSource(enum.Enum):
-    """Where a price, or the price behind a decision, came from (SPEC 4a, 5)."""
+    """Where a price, or the price behind a decision, came from (docs/config.md, prices)."""
 
     LIVE = "live"
     POLL = "poll"
@@ -87,6 +87,8 @@ class PriceBook:
         self.cache_timeout = cache_timeout
         self._prices: dict[str, Price] = {}
         self._channels = {PriceSource.LIVE: _Channel(), PriceSource.POLL: _Channel()}
+        # Each channel's session while it is healthy, else None: what quote() needs of them.
+        self._current: dict[PriceSource, int | None] = dict.fromkeys(self._channels)
 
     # -- channel health -------------------------------------------------
 
@@ -96,6 +98,7 @@ class PriceBook:
         if not channel.healthy:
             channel.healthy = True
             channel.session += 1
+            self._current[source] = channel.session
         channel.last_alive = max(channel.last_alive, now)
 
     def channel_alive(self, source: PriceSource, now: float) -> None:
@@ -110,6 +113,7 @@ class PriceBook:
         if not channel.healthy:
             return
         channel.healthy = False
+        self._current[source] = None
         for symbol, price in self._prices.items():
             if price.source is source and price.session == channel.session:
                 known = max(price.known_at, channel.last_alive)
@@ -162,18 +166,58 @@ class PriceBook:
     def quote(self, symbol: str, now: float, since: float | None = None) -> Quote:
         """Judge `symbol` at `now`; `since` ages a symbol that never had a price."""
         price = self._prices.get(symbol)
-        if price is None:
-            age = max(0.0, now - since) if since is not None else float("inf")
-            return Quote(symbol, None, age, Freshness.UNUSABLE, PriceSource.NONE)
-        channel = self._channels[price.source]
-        current = channel.healthy and price.session == channel.session
-        age = 0.0 if self._is_live_current(price) else max(0.0, now - price.known_at)
-        source = price.source if current else PriceSource.CACHE
-        return Quote(symbol, price, age, self.freshness(age), source)
+        return _judge(symbol, price, now, since, self._current, self.stale_warning, self.cache_timeout)
+
+    def view(self) -> PriceView:
+        """A frozen copy for readers off the hot path (the API, the metrics): one dict copy."""
+        return PriceView(
+            dict(self._prices), dict(self._current), self.stale_warning, self.cache_timeout
+        )
 
     def freshness(self, age: float) -> Freshness:
-        if age <= self.stale_warning:
-            return Freshness.FRESH
-        if age <= self.cache_timeout:
-            return Freshness.STALE
-        return Freshness.UNUSABLE
+        return _freshness(age, self.stale_warning, self.cache_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceView:
+    """The price book at one moment (`PriceBook.view()`), judged exactly as the book would."""
+
+    prices: dict[str, Price]
+    current: dict[PriceSource, int | None]  # each channel's session while healthy, else None
+    stale_warning: float
+    cache_timeout: float
+
+    def symbols(self) -> list[str]:
+        return list(self.prices)
+
+    def quote(self, symbol: str, now: float, since: float | None = None) -> Quote:
+        price = self.prices.get(symbol)
+        return _judge(symbol, price, now, since, self.current, self.stale_warning, self.cache_timeout)
+
+
+def _judge(
+    symbol: str,
+    price: Price | None,
+    now: float,
+    since: float | None,
+    current: dict[PriceSource, int | None],
+    stale_warning: float,
+    cache_timeout: float,
+) -> Quote:
+    """A price's age, freshness and source at `now` (the rules in the module docstring)."""
+    if price is None:
+        age = max(0.0, now - since) if since is not None else float("inf")
+        return Quote(symbol, None, age, Freshness.UNUSABLE, PriceSource.NONE)
+    in_session = current[price.source] == price.session  # its channel still healthy since
+    live_now = in_session and price.source is PriceSource.LIVE
+    age = 0.0 if live_now else max(0.0, now - price.known_at)
+    source = price.source if in_session else PriceSource.CACHE
+    return Quote(symbol, price, age, _freshness(age, stale_warning, cache_timeout), source)
+
+
+def _freshness(age: float, stale_warning: float, cache_timeout: float) -> Freshness:
+    if age <= stale_warning:
+        return Freshness.FRESH
+    if age <= cache_timeout:
+        return Freshness.STALE
+    return Freshness.UNUSABLE

@@ -1,4 +1,4 @@
-"""Resolving the feed's host through a chain that survives a DNS outage (SPEC 4b).
+"""Resolving the feed's host through a chain that survives a DNS outage.
 
 Stages, in order: primary (`dns.servers`, or the system resolver), fallback
 (`dns.fallback_servers`, through dnspython), then the last-known-good
@@ -31,6 +31,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from tickguard.config import DnsConfig, Nameserver
 from tickguard.errors import FeedError
 from tickguard.metrics import Metrics
+from tickguard.status import DnsStatus
 from tickguard.store import Store
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ class ResolverChain:
         self.primary_failed = False
         self.last: Resolved | None = None
         self.last_error = ""
+
+    def status(self) -> DnsStatus:
+        """What the chain says about itself now, as a frozen value (tickguard.status)."""
+        last = self.last
+        return DnsStatus(
+            primary_failed=self.primary_failed,
+            last_stage=last.stage if last is not None else None,
+            resolved_via=last.via if last is not None else None,
+            last_error=self.last_error,
+        )
 
     async def resolve(self, host: str, port: int, *, health_check: bool = False) -> Resolved:
         """Addresses for `host`, or FeedError("dns") when every stage failed."""

@@ -1,4 +1,4 @@
-"""The `json` feed protocol v1 (SPEC section 3): for custom feeds and the simulator."""
+"""The `json` feed protocol v1 (docs/config.md): for custom feeds and the simulator."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class JsonProtocol:
             else:
                 for entry in entries:
                     _entry(entry, known, out)
-        # any other type is ignored (SPEC 3)
+        # any other type is ignored (docs/config.md)
         return out
 
 

@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from tickguard.core.prices import PriceBook, PriceSource
+from tickguard.feed.intake import OnPrices, PriceIntake
 from tickguard.feed.protocol import PollSource
-from tickguard.feed.supervisor import FeedSupervisor, OnPrices
+from tickguard.feed.supervisor import FeedSupervisor
 from tickguard.metrics import Metrics
 from tickguard.replies import read_json
+from tickguard.status import PollStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,8 @@ class FallbackPoller:
         self._session = session
         self._supervisor = supervisor
         self._book = book
-        self._metrics = metrics
         self._symbols = symbols
-        self._on_prices = on_prices
+        self._intake = PriceIntake(book, metrics, on_prices, PriceSource.POLL)
         self._mono = monotonic
         self.polling = False
         self._outage = False  # this poll stands in for a lost socket (not the start-up's)
@@ -65,6 +66,12 @@ class FallbackPoller:
         self.last_error = ""
         self._last_failure_log = -FAILURE_LOG_EVERY
         self._host = urlsplit(source.url).hostname or "the poll URL"
+
+    def status(self) -> PollStatus:
+        """What the poll says about itself now, as a frozen value (tickguard.status)."""
+        return PollStatus(
+            polling=self.polling, last_success_at=self.last_success, last_error=self.last_error
+        )
 
     async def run(self) -> None:
         while True:
@@ -126,21 +133,12 @@ class FallbackPoller:
             return  # live data came back while this answer was in flight: it is late
         now = self._mono()
         decoded = self.source.decode(body, set(symbols))
-        for reason in decoded.errors:
-            self._metrics.bad_messages.labels(reason).inc()
         self._book.channel_up(PriceSource.POLL, now)
         self._book.channel_alive(PriceSource.POLL, now)
-        updated = [
-            t.symbol
-            for t in decoded.ticks
-            if self._book.update(t.symbol, t.price, t.exchange_ts, PriceSource.POLL, now)
-        ]
-        self._metrics.ticks.labels("poll").inc(len(decoded.ticks))
         if self.last_error:
             log.info("[FALLBACK] poll of %s works again", self._host)
         self.last_success, self.last_error = now, ""
-        if updated:
-            self._on_prices(updated, PriceSource.POLL)
+        self._intake.take(decoded, now)
 
     def _failed(self, why: str) -> None:
         self._book.channel_down(PriceSource.POLL)

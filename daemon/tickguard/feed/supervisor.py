@@ -37,8 +37,10 @@ from tickguard.core.backoff import Backoff, BackoffPolicy, Uniform
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.errors import FeedError
 from tickguard.feed.dns import ResolverChain
+from tickguard.feed.intake import OnPrices, PriceIntake
 from tickguard.feed.protocol import TOO_LARGE, FeedProtocol
 from tickguard.metrics import Metrics
+from tickguard.status import FeedStatus
 
 log = logging.getLogger(__name__)
 # The websockets library's own logger for our connections. At DEBUG it logs the
@@ -115,9 +117,6 @@ class FeedConnection(ClientConnection):
             self.fail(Failure("protocol", self.stalled()))
 
 
-OnPrices = Callable[[list[str], PriceSource], None]
-
-
 class FeedSupervisor:
     def __init__(
         self,
@@ -143,7 +142,7 @@ class FeedSupervisor:
         self.book = book
         self.metrics = metrics
         self._symbols = symbols
-        self._on_prices = on_prices
+        self._intake = PriceIntake(book, metrics, on_prices, PriceSource.LIVE)
         self._market_open = market_open
         self._endpoint = endpoint
         self._on_connected = on_connected  # told after every (re)connect (the account is re-read)
@@ -175,6 +174,10 @@ class FeedSupervisor:
         # not logged as a fallback (its poll, if any, is the start-up's, not a rescue).
         self.starting = True
         self.fallback_changed = asyncio.Event()
+        # Since start, counted where the Prometheus counters are (run): status() reports
+        # these, never values read back from the registry.
+        self.reconnect_attempts = 0  # tickguard_websocket_reconnect_attempts_total
+        self.network_errors = 0  # tickguard_websocket_network_errors_total, every kind
         self._ws: FeedConnection | None = None
         self._recheck_dns = False
         self.metrics.fallback_active.set(1)
@@ -194,16 +197,36 @@ class FeedSupervisor:
     def streak(self) -> int:
         return self.backoff.streak(self._mono())
 
+    def status(self) -> FeedStatus:
+        """What the supervisor says about itself now, as a frozen value (tickguard.status)."""
+        connected = self.connected
+        return FeedStatus(
+            state=self.state.value,
+            connected=connected,
+            # While down: what the next connection will subscribe.
+            subscribed=len(self.subscribed) if connected else len(self._symbols()),
+            reconnect_attempts=self.reconnect_attempts,
+            network_errors=self.network_errors,
+            streak=self.streak(),
+            last_error=self.last_error,
+            address=self.address,
+            last_frame_at=self.last_frame_at,
+            connected_since=self.connected_since,
+            fallback_active=self.fallback_active,
+        )
+
     async def run(self) -> None:
         """Connect and reconnect until cancelled. Never gives up."""
         while True:
             failure = await self._attempt()
             self.last_error = f"{failure.kind}: {failure.detail}"
             self.metrics.network_errors.labels(failure.kind).inc()
+            self.network_errors += 1
             attempt = self.backoff.auth_failure() if failure.auth else self.backoff.failure()
             self._recheck_dns = attempt.recheck_dns
             self.state = FeedState.AUTH_FAILED if failure.auth else FeedState.BACKOFF
             self.metrics.reconnect_attempts.inc()
+            self.reconnect_attempts += 1
             log.warning(
                 "[RECONNECT] attempt %d in %.1fs (%s)",
                 attempt.number,
@@ -374,20 +397,9 @@ class FeedSupervisor:
             self.last_frame_at = now
             self.book.channel_alive(PriceSource.LIVE, now)
             decoded = self.protocol.decode(frame, self.subscribed)
-            for reason in decoded.errors:
-                self.metrics.bad_messages.labels(reason).inc()
-            if not decoded.ticks:
-                continue
-            updated = [
-                t.symbol
-                for t in decoded.ticks
-                if self.book.update(t.symbol, t.price, t.exchange_ts, PriceSource.LIVE, now)
-            ]
-            self.metrics.ticks.labels("live").inc(len(decoded.ticks))
-            self.metrics.last_tick_timestamp.set(time.time())
-            self._set_fallback(False, "live prices are back")
-            if updated:
-                self._on_prices(updated, PriceSource.LIVE)
+            if decoded.ticks:  # a tick ends the fallback, even one the book refuses
+                self._set_fallback(False, "live prices are back")
+            self._intake.take(decoded, now)
 
     async def _keepalive(self, ws: FeedConnection) -> None:
         timeout = self.config.ping_timeout
@@ -409,7 +421,7 @@ class FeedSupervisor:
             except ConnectionClosed:
                 return
             # A pong proves the network path, not the data: it never refreshes a
-            # price's age (SPEC 4a). Only data frames do (_receive).
+            # price's age (see tickguard.core.prices). Only data frames do (_receive).
 
     def _set_fallback(self, active: bool, why: str, *, quiet: bool = False) -> None:
         if active == self.fallback_active:

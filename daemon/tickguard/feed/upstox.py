@@ -8,7 +8,7 @@ code) is ever put in an exception or a log line.
 
 Decoding is pure and never raises. A text frame counts `text`; bytes that are
 not a FeedResponse count `bad_frame` once; each feeds entry is judged on its
-own, as json ticks batches are (SPEC 3): an entry that is malformed counts
+own, as json ticks batches are (docs/config.md): an entry that is malformed counts
 `bad_frame`, one without an LTP `bad_price`, one for a key not subscribed
 `unknown_symbol`, and the good entries of the frame still count. A known
 field arriving with another wire type is malformed (a schema change never

@@ -23,20 +23,30 @@ class FixedUniform:
         return self.value
 
 
-def backoff(value: float = 0.0, **policy: float) -> Backoff:
-    return Backoff(BackoffPolicy(**policy), FixedUniform(value))  # type: ignore[arg-type]
+# The documented [feed.reconnect] defaults (docs/config.md); the policy has none of its own.
+RECONNECT: dict[str, float] = {
+    "initial_delay": 0.5,
+    "max_delay": 30.0,
+    "multiplier": 2.0,
+    "jitter": 0.5,
+    "dns_check_every": 3,
+    "stable_after": 30.0,
+}
 
 
-def test_defaults_are_the_specs() -> None:
-    """The policy defaults are SPEC section 2's [feed.reconnect] values."""
-    assert BackoffPolicy() == BackoffPolicy(
-        initial_delay=0.5,
-        max_delay=30.0,
-        multiplier=2.0,
-        jitter=0.5,
-        dns_check_every=3,
-        stable_after=30.0,
-    )
+def policy(**changes: float) -> BackoffPolicy:
+    """The documented policy with `changes`."""
+    return BackoffPolicy(**{**RECONNECT, **changes})  # type: ignore[arg-type]
+
+
+def backoff(value: float = 0.0, **changes: float) -> Backoff:
+    return Backoff(policy(**changes), FixedUniform(value))
+
+
+def test_the_policy_has_no_defaults_of_its_own() -> None:
+    """Every parameter is given: the defaults live in the configuration only."""
+    with pytest.raises(TypeError):
+        BackoffPolicy()  # type: ignore[call-arg]
 
 
 def test_delays_grow_geometrically_up_to_the_cap() -> None:
@@ -63,7 +73,7 @@ def test_jitter_spreads_each_delay_by_its_fraction() -> None:
 def test_jitter_asks_the_rng_for_a_symmetric_fraction() -> None:
     """The rng is asked for uniform(-1, 1), once per failure."""
     rng = FixedUniform()
-    b = Backoff(BackoffPolicy(), rng)
+    b = Backoff(policy(), rng)
     b.failure()
     b.auth_failure()
     assert rng.calls == [(-1.0, 1.0), (-1.0, 1.0)]
@@ -76,7 +86,7 @@ def test_full_jitter_never_goes_negative() -> None:
 
 def test_works_with_random_random() -> None:
     """A seeded random.Random is a valid source of jitter."""
-    b = Backoff(BackoffPolicy(), random.Random(7))
+    b = Backoff(policy(), random.Random(7))
     assert 0.25 <= b.failure().delay <= 0.75
 
 
@@ -195,7 +205,7 @@ def test_a_failure_ends_a_connection_still_marked_up() -> None:
 def test_rejects_invalid_policies(name: str, value: float) -> None:
     """A policy value out of range is refused with its name in the message."""
     with pytest.raises(ValueError, match=name):
-        BackoffPolicy(**{name: value})  # type: ignore[arg-type]
+        policy(**{name: value})
 
 
 # -- properties -----------------------------------------------------------------
