@@ -231,9 +231,8 @@ def health(s: Snapshot, now: float) -> dict[str, Any]:
     """The connection-health document (docs/api.md) of snapshot `s`, ages at `now`."""
     feed, account = s.feed, s.account
     cache = {symbol: quote_json(s.quote(symbol, now)) for symbol in sorted(s.prices.symbols())}
-    guarded = s.guarded_quotes(now)
-    stale = sorted(q.symbol for q in guarded if q.freshness is not Freshness.FRESH)
-    unusable = sorted(q.symbol for q in guarded if not q.usable)
+    stale = s.stale_symbols(now)
+    unusable = sorted(q.symbol for q in s.guarded_quotes(now) if not q.usable)
     degraded = (
         (not feed.connected)
         or feed.fallback_active
