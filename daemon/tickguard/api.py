@@ -292,8 +292,8 @@ def health(s: Snapshot, now: float) -> dict[str, Any]:
             "unguarded": [{"symbol": h.symbol, "quantity": h.quantity} for h in account.unguarded],
         },
         "exits": {
-            "in_flight": len(s.guard.exits_in_flight),
-            "retrying": s.guard.retrying,
+            "in_flight": len(s.exits.in_flight),
+            "retrying": s.exits.retrying,
         },
     }
 

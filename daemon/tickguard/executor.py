@@ -20,6 +20,7 @@ from tickguard.core.guard import ExitDecided, Guard
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import Position, PositionState
 from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
+from tickguard.status import ExecutorStatus
 from tickguard.store import Store
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class ExitExecutor:
 
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def status(self) -> ExecutorStatus:
+        return ExecutorStatus(tuple(self.guard.exits_in_flight()), len(self._tasks))
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` for exits in flight; True if none is left."""

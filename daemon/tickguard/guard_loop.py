@@ -261,7 +261,12 @@ class GuardLoop:
         self.last_sweep_at = now
 
     def snapshot(
-        self, *, feed: FeedStatus, dns: DnsStatus, poll: PollStatus | None, account: AccountStatus
+        self,
+        *,
+        feed: FeedStatus,
+        dns: DnsStatus,
+        poll: PollStatus | None,
+        account: AccountStatus,
     ) -> Snapshot:
         """The daemon as it is now, with the adapters' own status: what the API, the STATUS
         line and the age collector read. Two dict copies; the objects in them are frozen."""
@@ -273,6 +278,7 @@ class GuardLoop:
             wall=wall,
             prices=self.guard.book.view(),
             guard=self.guard.view(),
+            exits=self.executor.status(),
             feed=feed,
             dns=dns,
             poll=poll,

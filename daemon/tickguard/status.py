@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
 from tickguard.core.account import Holding
+from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import GuardView
 from tickguard.core.positions import PositionState
 from tickguard.core.prices import Freshness, PriceView, Quote
@@ -60,6 +61,18 @@ class PollStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecutorStatus:
+    """Exits on their way to the broker (`ExitExecutor.status()`)."""
+
+    in_flight: tuple[Exit, ...]  # decided, not yet filled or refused
+    driving: int  # exits being sent or looked up right now
+
+    @property
+    def retrying(self) -> int:
+        return sum(1 for e in self.in_flight if e.state is ExitState.RETRY)
+
+
+@dataclass(frozen=True, slots=True)
 class AccountStatus:
     """The broker's account as last reconciled (`Reconciler.status()`)."""
 
@@ -76,7 +89,8 @@ class Snapshot:
     taken_at: float
     wall: float
     prices: PriceView
-    guard: GuardView  # positions, exits in flight
+    guard: GuardView
+    exits: ExecutorStatus
     feed: FeedStatus
     dns: DnsStatus
     poll: PollStatus | None  # None: no fallback poll configured
@@ -99,7 +113,9 @@ class Snapshot:
     def stale_symbols(self, now: float) -> list[str]:
         """Guarded symbols whose price is stale or unusable (sorted): the one definition
         behind health's `stale_symbols`, `tickguard_stale_symbols` and the STATUS line."""
-        return sorted(q.symbol for q in self.guarded_quotes(now) if q.freshness is not Freshness.FRESH)
+        return sorted(
+            q.symbol for q in self.guarded_quotes(now) if q.freshness is not Freshness.FRESH
+        )
 
     def count(self, state: PositionState) -> int:
         return sum(1 for p in self.guard.positions.values() if p.state is state)

@@ -26,7 +26,14 @@ from tickguard.core.guard import GuardView
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import Price, PriceSource, PriceView
 from tickguard.port import Closing, Journal, NoPosition, Overloaded
-from tickguard.status import AccountStatus, DnsStatus, FeedStatus, PollStatus, Snapshot
+from tickguard.status import (
+    AccountStatus,
+    DnsStatus,
+    ExecutorStatus,
+    FeedStatus,
+    PollStatus,
+    Snapshot,
+)
 
 TOKEN = "fake-port-token"
 NOW = 1000.0  # the fake's monotonic clock
@@ -39,7 +46,8 @@ def make_snapshot(**changes: Any) -> Snapshot:
         taken_at=NOW,
         wall=1767765000.0,
         prices=PriceView({"BOSCHLTD": price}, {PriceSource.LIVE: None, PriceSource.POLL: None}, 30.0, 300.0),
-        guard=GuardView({"BOSCHLTD": position}, {"BOSCHLTD": NOW - 60.0}, frozenset(), (), ()),
+        guard=GuardView({"BOSCHLTD": position}, {"BOSCHLTD": NOW - 60.0}, frozenset(), ()),
+        exits=ExecutorStatus((), 0),
         feed=FeedStatus("backoff", False, 1, 7, 5, 3, "connect: refused", None, None, None, True),
         dns=DnsStatus(False, "primary", "system", ""),
         poll=PollStatus(True, NOW - 40.0, ""),

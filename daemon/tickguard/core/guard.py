@@ -93,11 +93,6 @@ class GuardView:
     since: dict[str, float]  # monotonic: when each symbol began to be guarded
     blind: frozenset[str]
     held_for_open: tuple[str, ...]  # crossed while the market is closed (sorted)
-    exits_in_flight: tuple[Exit, ...]
-
-    @property
-    def retrying(self) -> int:
-        return sum(1 for e in self.exits_in_flight if e.state is ExitState.RETRY)
 
 
 @dataclass(slots=True)
@@ -188,7 +183,6 @@ class Guard:
             since={s: g.since for s, g in guarded},
             blind=frozenset(s for s, g in guarded if g.blind),
             held_for_open=tuple(self.held_for_open()),
-            exits_in_flight=tuple(self._exits.values()),
         )
 
     # -- evaluation -----------------------------------------------------
