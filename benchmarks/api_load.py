@@ -15,24 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
-SCENARIO = Path(__file__).resolve().parents[1] / "tests" / "integration" / "api_load.py"
-
-
-def load_scenario() -> ModuleType:
-    """The scenario module, by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("api_load", SCENARIO)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+import from_tests  # benchmarks/from_tests.py: run as a script, its folder is on sys.path
 
 
 def main() -> int:
@@ -42,7 +30,7 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir")
     args = parser.parse_args()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tickguard-api-load-"))
-    scenario = load_scenario()
+    scenario = from_tests.load("api_load")
     for run, requests in enumerate(args.requests):
         report = asyncio.run(scenario.run(work / f"{run}-{requests}", requests, args.positions))
         print(f"== {requests} concurrent requests, {args.positions + 1} positions guarded")

@@ -14,24 +14,12 @@ report.txt; it is removed afterwards when it was temporary and all went well.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
-CAMPAIGN = Path(__file__).resolve().parents[1] / "tests" / "integration" / "sigkill_campaign.py"
-
-
-def load_campaign() -> ModuleType:
-    """The campaign module, by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("sigkill_campaign", CAMPAIGN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+import from_tests  # benchmarks/from_tests.py: run as a script, its folder is on sys.path
 
 
 def main() -> int:
@@ -45,7 +33,7 @@ def main() -> int:
     argv = [str(work), "--seconds", f"{args.seconds:g}", "--min-runs", str(args.min_runs)]
     if args.seed is not None:
         argv += ["--seed", str(args.seed)]
-    code: int = load_campaign().main(argv)
+    code: int = from_tests.load("sigkill_campaign").main(argv)
     if code == 0 and args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -8,6 +8,7 @@
 - `feed_server`: a websockets server (optionally TLS) scripted per connection;
 - `feed`: builds a FeedSupervisor (and optionally a FallbackPoller) with small
   intervals, recording prices and failures so tests await them;
+- `poll_server`: a REST price server (aiohttp) answering with a handler the test gives;
 - `eventually`: awaits a condition, polling it every 10 ms.
 
 Tests run with `--import-mode=importlib`, so nothing here is imported by test
@@ -41,6 +42,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -753,3 +755,23 @@ async def feed() -> AsyncIterator[FeedFactory]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+async def poll_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """`await poll_server(handler)`: a REST price server on 127.0.0.1:0 whose `GET /prices`
+    `handler` answers; returns its URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        app = web.Application()
+        app.router.add_get("/prices", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, LOOPBACK, 0).start()
+        runners.append(runner)
+        return f"http://{LOOPBACK}:{runner.addresses[0][1]}/prices"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()

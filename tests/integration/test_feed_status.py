@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -177,26 +177,7 @@ async def test_feed_status_subscribed_is_the_open_connections_set_and_while_down
             await asyncio.gather(task, return_exceptions=True)
 
 
-PollAnswer = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def poll_server() -> AsyncIterator[Callable[[PollAnswer], Awaitable[str]]]:
-    """`await poll_server(handler)`: a REST price server on 127.0.0.1:0; returns its URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(handler: PollAnswer) -> str:
-        app = web.Application()
-        app.router.add_get("/prices", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, LOOPBACK, 0).start()
-        runners.append(runner)
-        return f"http://{LOOPBACK}:{runner.addresses[0][1]}/prices"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+PollAnswer = Callable[[web.Request], Awaitable[web.StreamResponse]]  # conftest's poll_server
 
 
 async def test_poll_status_follows_real_failures_successes_and_the_stop(

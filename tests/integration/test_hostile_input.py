@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -45,7 +45,9 @@ async def test_oversized_numbers_on_the_feed_are_counted_and_the_socket_stays(
 ) -> None:
     """A price or timestamp of 400 digits, or 1e308, is dropped and counted; the good tick counts."""
 
-    async def hostile(server: FeedServer, ws: ServerConnection, index: int, symbols: list[str]) -> None:
+    async def hostile(
+        server: FeedServer, ws: ServerConnection, index: int, symbols: list[str]
+    ) -> None:
         while True:
             await ws.send(f'{{"type": "tick", "symbol": "BOSCHLTD", "price": {HUGE}}}')
             await ws.send(f'{{"type": "tick", "symbol": "BOSCHLTD", "price": 1.0, "ts": {HUGE}}}')
@@ -59,9 +61,11 @@ async def test_oversized_numbers_on_the_feed_are_counted_and_the_socket_stays(
         server = await feed_server(hostile)
         f = await feed(server.url())
         await eventually(
-            lambda: f.metric("tickguard_feed_bad_messages_total", reason="bad_price") >= 30
-            and f.metric("tickguard_feed_bad_messages_total", reason="bad_timestamp") >= 10
-            and f.metric("tickguard_feed_bad_messages_total", reason="not_json") >= 10,
+            lambda: (
+                f.metric("tickguard_feed_bad_messages_total", reason="bad_price") >= 30
+                and f.metric("tickguard_feed_bad_messages_total", reason="bad_timestamp") >= 10
+                and f.metric("tickguard_feed_bad_messages_total", reason="not_json") >= 10
+            ),
             timeout=TEST_TIMEOUT,
             what="hostile entries counted",
         )
@@ -73,27 +77,7 @@ async def test_oversized_numbers_on_the_feed_are_counted_and_the_socket_stays(
         assert f.book.get("BOSCHLTD") is None
 
 
-PollAnswer = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def poll_server() -> AsyncIterator[Callable[[PollAnswer], Awaitable[str]]]:
-    """`await poll_server(handler)`: a REST price server on 127.0.0.1:0; returns its URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(handler: PollAnswer) -> str:
-        app = web.Application()
-        app.router.add_get("/prices", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, 0)
-        await site.start()
-        runners.append(runner)
-        return f"http://{LOOPBACK}:{runner.addresses[0][1]}/prices"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+PollAnswer = Callable[[web.Request], Awaitable[web.StreamResponse]]  # conftest's poll_server
 
 
 async def test_oversized_numbers_in_the_poll_are_counted_and_the_poll_goes_on(
@@ -121,8 +105,10 @@ async def test_oversized_numbers_in_the_poll_are_counted_and_the_poll_goes_on(
         )
         await eventually(lambda: answers >= 5, timeout=TEST_TIMEOUT, what="five poll answers")
         await eventually(
-            lambda: f.metric("tickguard_feed_bad_messages_total", reason="bad_price") >= 4
-            and f.metric("tickguard_feed_bad_messages_total", reason="bad_timestamp") >= 4,
+            lambda: (
+                f.metric("tickguard_feed_bad_messages_total", reason="bad_price") >= 4
+                and f.metric("tickguard_feed_bad_messages_total", reason="bad_timestamp") >= 4
+            ),
             what="hostile entries counted",
         )
         f.assert_running()
