@@ -6,48 +6,70 @@ connect calls `authorize` first (the supervisor's `endpoint` hook), with the
 access token in a header; neither the token nor the URL's query (requestId,
 code) is ever put in an exception or a log line.
 
-Decoding is pure and never raises. A text frame counts `text`; bytes that are
-not a FeedResponse count `bad_frame` once; each feeds entry is judged on its
-own, as json ticks batches are (docs/config.md): an entry that is malformed counts
-`bad_frame`, one without an LTP `bad_price`, one for a key not subscribed
-`unknown_symbol`, and the good entries of the frame still count. A known
-field arriving with another wire type is malformed (a schema change never
-reuses a number that way); fields at numbers this decoder does not know are
-skipped, so additive fields (call auction and the like) do no harm.
+Frames are decoded by the protobuf runtime (upb) with code generated from
+Upstox's MarketDataFeedV3.proto and from upstox_wire.proto, which reads
+FeedResponse's feeds map as the repeated entries it is on the wire (both
+beside this file; scripts/gen-upstox-proto.sh regenerates the code,
+benchmarks/upstox_decode.py measures it). Decoding is pure and never raises.
+A text frame counts `text`; bytes that are not a FeedResponse count
+`bad_frame` once; each feeds entry is judged on its own, as json ticks
+batches are (docs/config.md): an entry that is malformed counts `bad_frame`,
+one without an LTP `bad_price`, one for a key not subscribed
+`unknown_symbol`, and the good entries of the frame still count. Entries
+keep their wire order; two entries for one key are two prices.
+
+Malformed is what the runtime refuses anywhere in the entry (framing, a
+string that is not UTF-8, nesting too deep), and a field tickguard reads
+that came with another wire type. Protobuf keeps such a field as an unknown
+field and reads the message as if it were absent, so an entry that does
+not make a tick is looked into before its reason is counted: the numbers
+tickguard reads, from the entry down to its LTPC, are looked for among the
+unknown fields (a schema change never reuses a number that way). An entry
+that makes a tick is taken as protobuf reads it. Fields at numbers the
+schema does not have are skipped, so additive fields (call auction and the
+like) do no harm.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
+from google.protobuf.unknown_fields import UnknownFieldSet
 
+from tickguard.core import untrusted
 from tickguard.errors import FeedError
-from tickguard.feed import protobuf as pb
+from tickguard.feed import MarketDataFeedV3_pb2 as v3
 from tickguard.feed import protocol as p
+from tickguard.feed import upstox_wire_pb2 as wire
 from tickguard.replies import BadReply, read_body
 
 TEXT = "text"  # bad-message reason: a text frame where Upstox sends only binary
 
 # FeedResponse.type
-INITIAL_FEED = 0
-LIVE_FEED = 1
-MARKET_INFO = 2
+INITIAL_FEED = v3.initial_feed
+LIVE_FEED = v3.live_feed
+MARKET_INFO = v3.market_info
 
 MODE = "ltpc"  # the smallest mode carrying the last price and trade time
 AUTHORIZE_PATH = "/v3/feed/market-data-feed/authorize"
 LTP_PATH = "/v3/market-quote/ltp"
 
-# Field numbers of MarketDataFeedV3.proto, and the wire type each must have.
-_RESPONSE = {1: pb.VARINT, 2: pb.LEN}  # type, feeds (map entries)
-_MAP_ENTRY = {1: pb.LEN, 2: pb.LEN}  # key, value
-_FEED = {1: pb.LEN, 2: pb.LEN, 3: pb.LEN}  # oneof: ltpc, fullFeed, firstLevelWithGreeks
-_FULL_FEED = {1: pb.LEN, 2: pb.LEN}  # oneof: marketFF, indexFF
-_HAS_LTPC = {1: pb.LEN}  # MarketFullFeed, IndexFullFeed, FirstLevelWithGreeks: ltpc
-_LTPC = {1: pb.I64, 2: pb.VARINT}  # ltp, ltt
+# The field numbers tickguard reads at each level of MarketDataFeedV3.proto.
+_RESPONSE = frozenset({1, 2})  # FeedResponse: type, feeds
+_ENTRY = frozenset({1, 2})  # a feeds entry: key, value
+_FEED = frozenset({1, 2, 3})  # Feed's oneof: ltpc, fullFeed, firstLevelWithGreeks
+_FULL_FEED = frozenset({1, 2})  # FullFeed's oneof: marketFF, indexFF
+_HAS_LTPC = frozenset({1})  # MarketFullFeed, IndexFullFeed, FirstLevelWithGreeks: ltpc
+_LTPC = frozenset({1, 2})  # LTPC: ltp, ltt
+
+# Bounds within which Decoded.add takes a price and a trade time as they are
+# (tickguard.core.untrusted): an entry inside them is a tick and needs no looking into.
+_MAX_PRICE = untrusted.MAX_AMOUNT
+_MAX_LTT = untrusted.MAX_EPOCH_MS
 
 
 def _new_guid() -> str:
@@ -81,96 +103,144 @@ class UpstoxProtocol:
             out.errors.append(TEXT)
             return out
         try:
-            response = _fields(frame, _RESPONSE)
-        except pb.MalformedMessage:
+            response: wire.FeedEntries = wire.FeedEntries.FromString(frame)
+        except Exception:  # DecodeError, or anything else the runtime says of hostile bytes
+            return _entry_by_entry(frame, known, out)
+        if _misread(response, _RESPONSE):  # e.g. feeds as a varint: its entries would vanish
             out.errors.append(p.BAD_FRAME)
             return out
-        kind = _last(response, 1)
-        if kind == MARKET_INFO:
+        if response.type == MARKET_INFO:
             out.heartbeat = True  # market status: a sign of life, no price
-        for entry in response.get(2, []):
-            if isinstance(entry, bytes):  # always: the schema says LEN
-                _entry(entry, known, out)
+        add = out.add
+        for entry in response.feeds:
+            # An entry of the ltpc or full mode that makes a tick: nothing to look into.
+            # A oneof member that is not set reads as an empty message, so a price
+            # found is one that is there; any other entry takes the long way.
+            feed = entry.value
+            ltpc = feed.ltpc
+            ltp = ltpc.ltp
+            if not ltp:
+                full = feed.fullFeed
+                ltpc = full.marketFF.ltpc
+                ltp = ltpc.ltp
+                if not ltp:
+                    ltpc = full.indexFF.ltpc
+                    ltp = ltpc.ltp
+            if 0.0 < ltp < _MAX_PRICE:
+                key, ltt = entry.key, ltpc.ltt
+                if 0 < ltt < _MAX_LTT and key and key in known:
+                    add(key, ltp, ltt, known)
+                    continue
+            _entry(entry, known, out)
         return out
 
 
-def _known(data: bytes, schema: Mapping[int, int]) -> list[pb.Field]:
-    """The schema's fields in wire order, others skipped; a wrong wire type is malformed."""
-    found = []
-    for field in pb.parse(data):
-        wire_type = schema.get(field.number)
-        if wire_type is None:
-            continue
-        if field.wire_type != wire_type:
-            raise pb.MalformedMessage(0, f"field {field.number} has wire type {field.wire_type}")
-        found.append(field)
-    return found
-
-
-def _fields(data: bytes, schema: Mapping[int, int]) -> dict[int, list[int | bytes]]:
-    """The values of the schema's fields by number, in wire order."""
-    found: dict[int, list[int | bytes]] = {}
-    for field in _known(data, schema):
-        found.setdefault(field.number, []).append(field.value)
-    return found
-
-
-def _last(found: Mapping[int, list[int | bytes]], number: int) -> int | bytes | None:
-    values = found.get(number)
-    return values[-1] if values else None
-
-
-def _merged(found: Mapping[int, list[int | bytes]], number: int) -> bytes | None:
-    """A singular sub-message: its occurrences concatenated parse as their merge."""
-    values = found.get(number)
-    if not values:
-        return None
-    return b"".join(v for v in values if isinstance(v, bytes))
-
-
-def _oneof(data: bytes, schema: Mapping[int, int]) -> tuple[int, bytes] | None:
-    """The member of a oneof of sub-messages that is set: the last one on the wire wins."""
-    fields = _known(data, schema)
-    if not fields:
-        return None
-    number = fields[-1].number
-    return number, b"".join(
-        f.value for f in fields if f.number == number and isinstance(f.value, bytes)
-    )
-
-
-def _ltpc_of(feed: bytes) -> bytes | None:
-    """The LTPC message of a Feed, wherever its mode put it."""
-    member = _oneof(feed, _FEED)
-    if member is None:
-        return None
-    number, body = member
-    if number == 1:  # ltpc
-        return body
-    if number == 2:  # fullFeed -> marketFF | indexFF
-        full = _oneof(body, _FULL_FEED)
-        if full is None:
-            return None
-        body = full[1]
-    return _merged(_fields(body, _HAS_LTPC), 1)
-
-
-def _entry(data: bytes, known: Collection[str], out: p.Decoded) -> None:
+def _entry_by_entry(frame: bytes, known: Collection[str], out: p.Decoded) -> p.Decoded:
+    """A frame the runtime refused whole: split it into entries and judge each alone."""
     try:
-        entry = _fields(data, _MAP_ENTRY)
-        raw_key = _last(entry, 1)
-        symbol = pb.utf8(raw_key) if isinstance(raw_key, bytes) else ""
-        feed = _merged(entry, 2)
-        ltpc = _ltpc_of(feed) if feed is not None else None
-        values = _fields(ltpc, _LTPC) if ltpc is not None else {}
-    except pb.MalformedMessage:
+        response: wire.FeedFrame = wire.FeedFrame.FromString(frame)
+        malformed = _misread(response, _RESPONSE)
+    except Exception:  # not even the frame around the entries is protobuf
+        malformed = True
+    if malformed:
+        out.errors.append(p.BAD_FRAME)
+        return out
+    if response.type == MARKET_INFO:
+        out.heartbeat = True
+    for raw in response.feeds:
+        try:
+            entry: wire.FeedEntry = wire.FeedEntry.FromString(raw)
+        except Exception:
+            out.errors.append(p.BAD_FRAME)
+            continue
+        _entry(entry, known, out)
+    return out
+
+
+def _entry(entry: wire.FeedEntry, known: Collection[str], out: p.Decoded) -> None:
+    """One feeds entry of any shape: its tick, or its one reason for being dropped.
+
+    An entry that makes a tick is taken as protobuf reads it. Any other is
+    looked into first: a field tickguard reads that came with another wire
+    type, at any level on the way to the LTPC, makes it malformed.
+    """
+    key = entry.key
+    ltpc = _ltpc_of(entry)
+    ltp = ltpc.ltp if ltpc is not None else None
+    ltt = ltpc.ltt if ltpc is not None else 0
+    if not (
+        ltp is not None and 0.0 < ltp < _MAX_PRICE and 0 < ltt < _MAX_LTT and key and key in known
+    ) and _malformed(entry):
         out.errors.append(p.BAD_FRAME)
         return
-    raw_ltp = _last(values, 1)
-    price = pb.double(raw_ltp) if isinstance(raw_ltp, bytes) else None
-    raw_ltt = _last(values, 2)
-    ltt = pb.int64(raw_ltt) if isinstance(raw_ltt, int) else 0
-    out.add(symbol, price, ltt if ltt > 0 else None, known)
+    out.add(key, ltp, ltt if ltt > 0 else None, known)
+
+
+def _ltpc_of(entry: wire.FeedEntry) -> v3.LTPC | None:
+    """The LTPC of an entry, wherever its mode put it; None if it has none."""
+    feed = entry.value  # an absent value reads as an empty Feed
+    member = feed.WhichOneof("FeedUnion")
+    if member == "ltpc":
+        return feed.ltpc
+    holder: v3.MarketFullFeed | v3.IndexFullFeed | v3.FirstLevelWithGreeks
+    if member == "fullFeed":
+        full = feed.fullFeed
+        member = full.WhichOneof("FullFeedUnion")
+        if member == "marketFF":
+            holder = full.marketFF
+        elif member == "indexFF":
+            holder = full.indexFF
+        else:
+            return None
+    elif member == "firstLevelWithGreeks":
+        holder = feed.firstLevelWithGreeks
+    else:
+        return None
+    return holder.ltpc if holder.HasField("ltpc") else None
+
+
+def _malformed(entry: wire.FeedEntry) -> bool:
+    """Whether a field tickguard reads, from the entry down to the LTPC, has another wire type.
+
+    Protobuf keeps such a field as an unknown field (the message reads as if
+    it were absent): at each level the numbers tickguard reads are looked for
+    among the unknown fields. Only the message each oneof holds is looked into.
+    """
+    if _misread(entry, _ENTRY):
+        return True
+    if not entry.HasField("value"):
+        return False
+    feed = entry.value
+    if _misread(feed, _FEED):
+        return True
+    member = feed.WhichOneof("FeedUnion")
+    holder: v3.MarketFullFeed | v3.IndexFullFeed | v3.FirstLevelWithGreeks
+    if member == "ltpc":
+        return _misread(feed.ltpc, _LTPC)
+    if member == "fullFeed":
+        full = feed.fullFeed
+        if _misread(full, _FULL_FEED):
+            return True
+        member = full.WhichOneof("FullFeedUnion")
+        if member is None:
+            return False
+        holder = full.marketFF if member == "marketFF" else full.indexFF
+    elif member == "firstLevelWithGreeks":
+        holder = feed.firstLevelWithGreeks
+    else:
+        return False
+    if _misread(holder, _HAS_LTPC):
+        return True
+    return holder.HasField("ltpc") and _misread(holder.ltpc, _LTPC)
+
+
+def _misread(message: object, numbers: frozenset[int]) -> bool:
+    """Whether one of `numbers` is among the message's unknown fields (a wrong wire type);
+    unknown fields the runtime cannot list make the message malformed too."""
+    try:
+        return any(field.field_number in numbers for field in UnknownFieldSet(message))
+    except Exception:
+        return True
 
 
 # -- the single-use socket URL -------------------------------------------------

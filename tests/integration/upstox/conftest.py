@@ -10,7 +10,9 @@ server at 127.0.0.1 port 0:
   handshake; otherwise it sends a `market_info` frame, and answers each binary
   JSON `sub` with an `initial_feed` snapshot of the new keys, then streams
   `live_feed` frames (LTPC with exchange times) every `interval` seconds. All
-  server frames are protobuf FeedResponses built with tickguard's writer;
+  server frames are protobuf FeedResponses serialized by the protobuf runtime
+  from the code generated for Upstox's MarketDataFeedV3.proto, so the wire
+  format is the one Upstox's own encoder writes;
 - `GET /v3/market-quote/ltp?instrument_key=A,B` answers the REST LTP body,
   keyed by `SEGMENT:NAME`, not by instrument key.
 
@@ -47,7 +49,7 @@ from prometheus_client import CollectorRegistry
 
 from tickguard.config import Config, parse_config
 from tickguard.core.prices import PriceBook, PriceSource
-from tickguard.feed import protobuf as pb
+from tickguard.feed import MarketDataFeedV3_pb2 as v3
 from tickguard.feed.dns import ResolverChain
 from tickguard.feed.supervisor import FeedSupervisor
 from tickguard.feed.upstox import UpstoxProtocol, authorize
@@ -57,43 +59,37 @@ LOOPBACK = "127.0.0.1"
 GOOD_TOKEN = "eyJ0-upstox-feed-secret-token-5678"  # distinctive: no log line may contain it
 INVALID_TOKEN = {"errorCode": "UDAPI100050", "message": "Invalid token used to access API"}
 MODES = ("ltpc", "full", "option_greeks", "full_d30")
-INITIAL_FEED, LIVE_FEED, MARKET_INFO = 0, 1, 2
-NORMAL_OPEN = 2
+INITIAL_FEED, LIVE_FEED, MARKET_INFO = v3.initial_feed, v3.live_feed, v3.market_info
 STOP_TIMEOUT = 5.0
 
 
 # ---------------------------------------------------------------------------
-# FeedResponse frames (MarketDataFeedV3.proto field numbers)
+# FeedResponse frames, serialized by the protobuf runtime (MarketDataFeedV3.proto)
 
 
-def ltpc_message(ltp: float, ltt: int, ltq: int = 1, cp: float = 100.0) -> bytes:
-    return (
-        pb.double_field(1, ltp)
-        + pb.varint_field(2, ltt)
-        + pb.varint_field(3, ltq)
-        + pb.double_field(4, cp)
-    )
+def ltpc_message(ltp: float, ltt: int, ltq: int = 1, cp: float = 100.0) -> v3.LTPC:
+    return v3.LTPC(ltp=ltp, ltt=ltt, ltq=ltq, cp=cp)
 
 
 def feeds_response(kind: int, prices: Mapping[str, tuple[float, int]], current_ts: int) -> bytes:
-    """A FeedResponse of `kind` with one `Feed{ltpc}` map entry per key."""
-    out = pb.varint_field(1, kind)
+    """A FeedResponse of `kind` with one `Feed{ltpc}` map entry per key.
+
+    Serialized in field order: type, the feeds entries (key, value), currentTs;
+    the entries of one-key responses concatenate into one response.
+    """
+    response = v3.FeedResponse(type=kind, currentTs=current_ts)
     for key, (ltp, ltt) in prices.items():
-        feed = pb.bytes_field(1, ltpc_message(ltp, ltt)) + pb.varint_field(4, 0)  # requestMode
-        out += pb.bytes_field(2, pb.string_field(1, key) + pb.bytes_field(2, feed))
-    return out + pb.varint_field(3, current_ts)
+        feed = response.feeds[key]
+        feed.ltpc.CopyFrom(ltpc_message(ltp, ltt))
+        feed.requestMode = v3.ltpc
+    return response.SerializeToString()
 
 
 def market_info_response(current_ts: int) -> bytes:
-    segments = b"".join(
-        pb.bytes_field(1, pb.string_field(1, s) + pb.varint_field(2, NORMAL_OPEN))
-        for s in ("NSE_EQ", "NSE_INDEX", "NSE_FO")
-    )
-    return (
-        pb.varint_field(1, MARKET_INFO)
-        + pb.varint_field(3, current_ts)
-        + pb.bytes_field(4, segments)
-    )
+    response = v3.FeedResponse(type=MARKET_INFO, currentTs=current_ts)
+    for segment in ("NSE_EQ", "NSE_INDEX", "NSE_FO"):
+        response.marketInfo.segmentStatus[segment] = v3.NORMAL_OPEN
+    return response.SerializeToString()
 
 
 def _now_ms() -> int:

@@ -1,4 +1,10 @@
-"""The upstox feed protocol: the `sub` frame, FeedResponse decoding, and the REST LTP body."""
+"""The upstox feed protocol: the `sub` frame, FeedResponse decoding, and the REST LTP body.
+
+Well-formed frames are written by the protobuf runtime from the code generated
+for Upstox's MarketDataFeedV3.proto, as Upstox's own encoder writes them.
+What no encoder writes (wrong wire types, truncation, garbage) is built by
+hand with the few raw-bytes helpers below.
+"""
 
 import json
 import math
@@ -8,8 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tickguard.feed import protobuf as pb
+from tickguard.feed import MarketDataFeedV3_pb2 as v3
 from tickguard.feed import protocol as p
+from tickguard.feed import upstox
 from tickguard.feed.upstox import (
     INITIAL_FEED,
     LIVE_FEED,
@@ -27,49 +34,86 @@ KNOWN = {RELIANCE, HDFC, NIFTY}
 LTT = 1767765256123  # epoch ms
 
 
-# -- FeedResponse encoding (MarketDataFeedV3.proto field numbers) ----------------
+# -- FeedResponse frames, written by the protobuf runtime --------------------------
 
 
-def ltpc(
-    ltp: float | None = 2500.5, ltt: int | None = LTT, ltq: int = 10, cp: float = 2490.0
-) -> bytes:
-    out = b"" if ltp is None else pb.double_field(1, ltp)
-    out += b"" if ltt is None else pb.varint_field(2, ltt)
-    return out + pb.varint_field(3, ltq) + pb.double_field(4, cp)
+def ltpc(ltp: float = 2500.5, ltt: int = LTT, ltq: int = 10, cp: float = 2490.0) -> v3.LTPC:
+    return v3.LTPC(ltp=ltp, ltt=ltt, ltq=ltq, cp=cp)
 
 
-def feed_ltpc(body: bytes) -> bytes:
-    return pb.bytes_field(1, body)
+def feed_ltpc(body: v3.LTPC) -> v3.Feed:
+    return v3.Feed(ltpc=body)
 
 
-def feed_market_ff(body: bytes) -> bytes:
-    market_ff = pb.bytes_field(1, body) + pb.double_field(5, 2499.9) + pb.varint_field(6, 123456)
-    return pb.bytes_field(2, pb.bytes_field(1, market_ff))
+def feed_market_ff(body: v3.LTPC) -> v3.Feed:
+    depth = v3.MarketLevel(bidAskQuote=[v3.Quote(bidQ=5, bidP=2499.95, askQ=7, askP=2500.05)])
+    market = v3.MarketFullFeed(ltpc=body, marketLevel=depth, atp=2499.9, vtt=123456)
+    return v3.Feed(fullFeed=v3.FullFeed(marketFF=market), requestMode=v3.full_d5)
 
 
-def feed_index_ff(body: bytes) -> bytes:
-    ohlc = pb.string_field(1, "1d") + pb.double_field(2, 24000.0)
-    index_ff = pb.bytes_field(1, body) + pb.bytes_field(2, pb.bytes_field(1, ohlc))
-    return pb.bytes_field(2, pb.bytes_field(2, index_ff))
+def feed_index_ff(body: v3.LTPC) -> v3.Feed:
+    bars = v3.MarketOHLC(ohlc=[v3.OHLC(interval="1d", open=24000.0, close=24010.0)])
+    index = v3.IndexFullFeed(ltpc=body, marketOHLC=bars)
+    return v3.Feed(fullFeed=v3.FullFeed(indexFF=index), requestMode=v3.full_d5)
 
 
-def feed_greeks(body: bytes) -> bytes:
-    greeks = pb.double_field(1, 0.5) + pb.double_field(2, -1.25)
-    first = pb.bytes_field(1, body) + pb.bytes_field(3, greeks) + pb.double_field(5, 1e6)
-    return pb.bytes_field(3, first)
+def feed_greeks(body: v3.LTPC) -> v3.Feed:
+    greeks = v3.OptionGreeks(delta=0.5, theta=-1.25)
+    first = v3.FirstLevelWithGreeks(ltpc=body, optionGreeks=greeks, oi=1e6)
+    return v3.Feed(firstLevelWithGreeks=first, requestMode=v3.option_greeks)
 
 
-def entry(key: str, feed: bytes) -> bytes:
-    return pb.bytes_field(2, pb.string_field(1, key) + pb.bytes_field(2, feed))
+def entry(key: str, feed: v3.Feed | bytes) -> bytes:
+    """One feeds map entry as the runtime writes it (raw bytes for a broken Feed)."""
+    if isinstance(feed, bytes):
+        return raw_bytes(2, raw_bytes(1, key.encode()) + raw_bytes(2, feed))
+    return v3.FeedResponse(feeds={key: feed}).SerializeToString()
 
 
 def response(kind: int, *entries: bytes, current_ts: int = LTT + 5) -> bytes:
-    return pb.varint_field(1, kind) + b"".join(entries) + pb.varint_field(3, current_ts)
+    """A FeedResponse with `entries` in this order: the runtime writes a map in hash order,
+    so each entry is serialized alone, and concatenated messages are their merge."""
+    head = v3.FeedResponse(type=kind).SerializeToString()
+    return head + b"".join(entries) + v3.FeedResponse(currentTs=current_ts).SerializeToString()
 
 
 def market_info() -> bytes:
-    status = pb.bytes_field(1, pb.string_field(1, "NSE_EQ") + pb.varint_field(2, 2))
-    return response(MARKET_INFO, pb.bytes_field(4, status))
+    info = v3.MarketInfo(segmentStatus={"NSE_EQ": v3.NORMAL_OPEN, "NSE_FO": v3.NORMAL_CLOSE})
+    return v3.FeedResponse(type=MARKET_INFO, marketInfo=info, currentTs=LTT).SerializeToString()
+
+
+# -- raw wire bytes, for what the protobuf runtime never writes -------------------
+
+
+def varint(value: int) -> bytes:
+    """A varint; negative values as their 64-bit two's complement."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def raw_varint(number: int, value: int) -> bytes:
+    return varint(number << 3) + varint(value)
+
+
+def raw_double(number: int, value: float) -> bytes:
+    return varint(number << 3 | 1) + struct.pack("<d", value)
+
+
+def raw_fixed32(number: int, value: bytes) -> bytes:
+    return varint(number << 3 | 5) + value
+
+
+def raw_bytes(number: int, value: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def raw_string(number: int, value: str) -> bytes:
+    return raw_bytes(number, value.encode())
 
 
 def decode(frame: str | bytes, known: set[str] = KNOWN) -> p.Decoded:
@@ -143,6 +187,34 @@ def test_initial_feed_snapshot_gives_every_subscribed_key() -> None:
     ]
 
 
+def test_a_map_written_whole_by_the_runtime_gives_every_entry() -> None:
+    """A FeedResponse whose feeds map the runtime serialized at once: every key, each once."""
+    prices = {f"NSE_EQ|INE{i:06d}A01018": 100.0 + i for i in range(50)}
+    whole = v3.FeedResponse(type=LIVE_FEED, currentTs=LTT)
+    for key, price in prices.items():
+        whole.feeds[key].ltpc.CopyFrom(ltpc(price))
+    out = decode(whole.SerializeToString(), set(prices))
+    assert out.errors == []
+    assert sorted(out.ticks, key=lambda t: t.symbol) == [
+        p.Tick(key, price, LTT) for key, price in sorted(prices.items())
+    ]
+
+
+def test_ticks_keep_wire_order_and_a_repeated_key_gives_two_prices() -> None:
+    """Entries are read in the order they arrived, each on its own, as the map's wire form is."""
+    frame = response(
+        LIVE_FEED,
+        entry(NIFTY, feed_ltpc(ltpc(24000.0, LTT))),
+        entry(RELIANCE, feed_ltpc(ltpc(2500.0, LTT + 1))),
+        entry(NIFTY, feed_ltpc(ltpc(24001.0, LTT + 2))),
+    )
+    assert decode(frame).ticks == [
+        p.Tick(NIFTY, 24000.0, LTT),
+        p.Tick(RELIANCE, 2500.0, LTT + 1),
+        p.Tick(NIFTY, 24001.0, LTT + 2),
+    ]
+
+
 def test_type_defaults_to_initial_feed_when_absent() -> None:
     """proto3 omits a zero enum: a response with only feeds still gives ticks."""
     out = decode(entry(RELIANCE, feed_ltpc(ltpc())))
@@ -154,16 +226,22 @@ def test_market_info_is_a_heartbeat_without_prices() -> None:
     assert decode(market_info()) == p.Decoded(heartbeat=True)
 
 
-@pytest.mark.parametrize("ltt", [None, 0, -5])
-def test_a_missing_or_non_positive_trade_time_gives_no_exchange_time(ltt: int | None) -> None:
-    """ltt absent, 0 or negative: the tick counts with exchange_ts None."""
+@pytest.mark.parametrize("ltt", [0, -5])
+def test_a_missing_or_non_positive_trade_time_gives_no_exchange_time(ltt: int) -> None:
+    """ltt absent (proto3's 0) or negative: the tick counts with exchange_ts None."""
     out = decode(response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc(ltt=ltt)))))
     assert out.ticks == [p.Tick(RELIANCE, 2500.5, None)]
 
 
-@pytest.mark.parametrize("ltp", [None, 0.0, -1.5, math.nan, math.inf, -math.inf])
-def test_a_bad_or_missing_ltp_is_counted_bad_price(ltp: float | None) -> None:
-    """An entry whose ltp is absent, zero, negative or not finite is dropped as bad_price."""
+def test_a_trade_time_past_any_epoch_ms_is_counted_bad_timestamp() -> None:
+    """An ltt beyond 2**53 ms is no exchange time: the entry is dropped as bad_timestamp."""
+    out = decode(response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc(ltt=1 << 62)))))
+    assert out == p.Decoded(errors=[p.BAD_TIMESTAMP])
+
+
+@pytest.mark.parametrize("ltp", [0.0, -0.0, -1.5, math.nan, math.inf, -math.inf, 1e300])
+def test_a_bad_or_missing_ltp_is_counted_bad_price(ltp: float) -> None:
+    """An entry whose ltp is absent (0), negative, not finite or absurd is dropped as bad_price."""
     frame = response(
         LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc(ltp))), entry(HDFC, feed_ltpc(ltpc(9.5)))
     )
@@ -172,11 +250,28 @@ def test_a_bad_or_missing_ltp_is_counted_bad_price(ltp: float | None) -> None:
     assert out.ticks == [p.Tick(HDFC, 9.5, LTT)]
 
 
-def test_a_feed_without_ltpc_is_counted_bad_price() -> None:
+@pytest.mark.parametrize(
+    "feed",
+    [
+        v3.Feed(requestMode=v3.full_d5),  # requestMode alone
+        v3.Feed(),  # an empty value
+        v3.Feed(fullFeed=v3.FullFeed()),  # neither marketFF nor indexFF
+        v3.Feed(fullFeed=v3.FullFeed(marketFF=v3.MarketFullFeed(atp=1.0))),  # marketFF, no ltpc
+        v3.Feed(firstLevelWithGreeks=v3.FirstLevelWithGreeks(oi=5.0)),  # no ltpc
+    ],
+    ids=["mode-only", "empty", "no-full-member", "no-market-ltpc", "no-greeks-ltpc"],
+)
+def test_a_feed_without_ltpc_is_counted_bad_price(feed: v3.Feed) -> None:
     """A feed entry carrying none of the LTPC-bearing shapes has no price."""
-    only_mode = pb.varint_field(4, 1)  # requestMode alone
-    out = decode(response(LIVE_FEED, entry(RELIANCE, only_mode), entry(HDFC, b"")))
-    assert out.errors == [p.BAD_PRICE, p.BAD_PRICE]
+    out = decode(response(LIVE_FEED, entry(RELIANCE, feed), entry(HDFC, feed_ltpc(ltpc(9.5)))))
+    assert out.errors == [p.BAD_PRICE]
+    assert out.ticks == [p.Tick(HDFC, 9.5, LTT)]
+
+
+def test_an_entry_without_a_value_is_counted_bad_price() -> None:
+    """A map entry with a key and no value at all has no price."""
+    frame = response(LIVE_FEED, raw_bytes(2, raw_string(1, RELIANCE)))
+    assert decode(frame) == p.Decoded(errors=[p.BAD_PRICE])
 
 
 def test_keys_not_subscribed_are_counted_unknown_symbol() -> None:
@@ -186,26 +281,29 @@ def test_keys_not_subscribed_are_counted_unknown_symbol() -> None:
 
 
 def test_an_entry_without_a_key_is_counted_no_symbol() -> None:
-    """A map entry whose key is absent (proto3's empty string) is dropped as no_symbol."""
-    frame = response(LIVE_FEED, pb.bytes_field(2, pb.bytes_field(2, feed_ltpc(ltpc()))))
-    assert decode(frame) == p.Decoded(errors=[p.NO_SYMBOL])
+    """A map entry whose key is absent or empty (proto3's empty string) is dropped as no_symbol."""
+    absent = raw_bytes(2, raw_bytes(2, feed_ltpc(ltpc()).SerializeToString()))
+    empty = entry("", feed_ltpc(ltpc()))
+    assert decode(response(LIVE_FEED, absent, empty)) == p.Decoded(
+        errors=[p.NO_SYMBOL, p.NO_SYMBOL]
+    )
 
 
 def test_unknown_fields_at_new_numbers_are_skipped_at_every_level() -> None:
     """Additive fields of any wire type, in the response, entry, feed, shapes and LTPC, do no harm."""
     extras = (
-        pb.varint_field(15, 3)
-        + pb.double_field(16, 1.0)
-        + pb.string_field(17, "CAS")
-        + pb.fixed32_field(18, b"\x00\x00\x80?")
-        + pb.bytes_field(1000, b"\x08\x01")
+        raw_varint(15, 3)
+        + raw_double(16, 1.0)
+        + raw_string(17, "CAS")
+        + raw_fixed32(18, b"\x00\x00\x80?")
+        + raw_bytes(1000, b"\x08\x01")
     )
-    body = extras + ltpc(2500.5, LTT) + extras
-    market_ff = extras + pb.bytes_field(1, body) + pb.bytes_field(11, b"iep")
-    full = extras + pb.bytes_field(1, market_ff)
-    feed = extras + pb.bytes_field(2, full) + pb.varint_field(4, 1)
-    map_entry = pb.string_field(1, RELIANCE) + extras + pb.bytes_field(2, feed)
-    frame = extras + pb.varint_field(1, LIVE_FEED) + pb.bytes_field(2, map_entry) + extras
+    body = extras + ltpc(2500.5, LTT).SerializeToString() + extras
+    market_ff = extras + raw_bytes(1, body) + raw_bytes(11, b"iep")
+    full = extras + raw_bytes(1, market_ff)
+    feed = extras + raw_bytes(2, full) + raw_varint(4, 1)
+    map_entry = raw_string(1, RELIANCE) + extras + raw_bytes(2, feed)
+    frame = extras + raw_varint(1, LIVE_FEED) + raw_bytes(2, map_entry) + extras
     assert decode(frame) == p.Decoded(ticks=[p.Tick(RELIANCE, 2500.5, LTT)])
 
 
@@ -217,16 +315,15 @@ def test_unknown_type_values_still_give_ticks() -> None:
 
 def test_repeated_singular_fields_merge_as_protobuf_does() -> None:
     """The last scalar wins, and two ltpc occurrences merge (ltt from the first, ltp from the second)."""
-    first = pb.double_field(1, 1.0) + pb.varint_field(2, LTT)
-    second = pb.double_field(1, 2.0)
-    feed = feed_ltpc(first) + feed_ltpc(second)
-    out = decode(response(LIVE_FEED, entry(RELIANCE, feed)))
+    first = v3.Feed(ltpc=v3.LTPC(ltp=1.0, ltt=LTT)).SerializeToString()
+    second = v3.Feed(ltpc=v3.LTPC(ltp=2.0)).SerializeToString()
+    out = decode(response(LIVE_FEED, entry(RELIANCE, first + second)))
     assert out.ticks == [p.Tick(RELIANCE, 2.0, LTT)]
 
 
 def test_the_last_oneof_member_on_the_wire_wins() -> None:
     """A feed carrying ltpc and then fullFeed is read as the fullFeed, as protobuf sets a oneof."""
-    feed = feed_ltpc(ltpc(1.0)) + feed_market_ff(ltpc(3.0))
+    feed = feed_ltpc(ltpc(1.0)).SerializeToString() + feed_market_ff(ltpc(3.0)).SerializeToString()
     out = decode(response(LIVE_FEED, entry(RELIANCE, feed)))
     assert out.ticks == [p.Tick(RELIANCE, 3.0, LTT)]
 
@@ -241,13 +338,27 @@ def test_a_text_frame_is_counted_text() -> None:
     [
         response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc())))[:-3],  # truncated
         b"\x12\xff\xff\xff\xff\x0f",  # a 4 GiB length
-        b"\x0b\x0c",  # groups
+        b"\x0b\x0c",  # type as an (empty) group
         b"\xff" * 12,  # an endless varint
-        pb.double_field(1, 1.0),  # type with the wrong wire type
-        pb.varint_field(2, 5),  # feeds with the wrong wire type
+        b"\x00\x01",  # field number 0
+        raw_double(1, 1.0),  # type with the wrong wire type
+        raw_varint(2, 5),  # feeds with the wrong wire type: its entry would vanish
+        response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc()))) + raw_fixed32(2, b"\0" * 4),
         b"hello, world",
+        b"\x7b" * 100_000 + b"\x7c" * 100_000,  # groups nested 100,000 deep
     ],
-    ids=["truncated", "huge-length", "groups", "varint", "type-wire", "feeds-wire", "text-bytes"],
+    ids=[
+        "truncated",
+        "huge-length",
+        "groups",
+        "varint",
+        "field-0",
+        "type-wire",
+        "feeds-wire",
+        "feeds-wire-after-a-good-entry",
+        "text-bytes",
+        "deep-nesting",
+    ],
 )
 def test_bytes_that_are_not_a_feed_response_count_one_bad_frame(frame: bytes) -> None:
     """Truncated or garbage bytes drop the whole frame as one bad_frame."""
@@ -256,19 +367,132 @@ def test_bytes_that_are_not_a_feed_response_count_one_bad_frame(frame: bytes) ->
 
 def test_a_malformed_entry_counts_bad_frame_and_the_good_entries_still_count() -> None:
     """A feeds entry whose inner bytes are broken is dropped alone, like a bad tick in a batch."""
-    broken_ltpc = pb.bytes_field(1, b"\x09\x00")  # ltp: I64 with 1 byte
-    wrong_wire = pb.bytes_field(1, pb.varint_field(1, 2500))  # ltp as a varint
-    bad_key = pb.bytes_field(2, pb.bytes_field(1, b"\xff\xfe") + pb.bytes_field(2, b""))
+    broken_ltpc = raw_bytes(1, b"\x09\x00")  # ltp: I64 with 1 byte
+    wrong_wire = raw_bytes(1, raw_varint(1, 2500))  # ltp as a varint
+    bad_key = raw_bytes(2, raw_bytes(1, b"\xff\xfe") + raw_bytes(2, b""))  # not UTF-8
     frame = response(
         LIVE_FEED,
         entry(RELIANCE, broken_ltpc),
-        entry(NIFTY, feed_ltpc(wrong_wire)),
+        entry(NIFTY, wrong_wire),
         bad_key,
         entry(HDFC, feed_greeks(ltpc(1650.0))),
     )
     out = decode(frame)
     assert out.errors == [p.BAD_FRAME, p.BAD_FRAME, p.BAD_FRAME]
     assert out.ticks == [p.Tick(HDFC, 1650.0, LTT)]
+
+
+def test_broken_bytes_anywhere_in_an_entry_make_it_malformed() -> None:
+    """The runtime checks the whole entry, parts tickguard does not read too: a depth level
+    cut short drops its entry, and the other entries of the frame still count."""
+    good = feed_market_ff(ltpc(2500.5)).SerializeToString()
+    depth = raw_bytes(2, raw_bytes(1, b"\x08\x05\x11\x00"))  # marketLevel: a bidP of 1 byte
+    market = raw_bytes(1, ltpc(2500.5).SerializeToString()) + depth
+    broken = raw_bytes(2, raw_bytes(1, market))
+    frame = response(LIVE_FEED, entry(RELIANCE, broken), entry(HDFC, good))
+    assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME], ticks=[p.Tick(HDFC, 2500.5, LTT)])
+
+
+@pytest.mark.parametrize(
+    "feed",
+    [
+        raw_bytes(1, raw_varint(1, 2500) + raw_varint(2, LTT)),  # ltp as a varint
+        raw_bytes(1, raw_double(1, 2500.5) + raw_double(2, 1.0)),  # ltt as a double
+        raw_varint(1, 3),  # ltpc as a varint
+        raw_bytes(2, raw_double(1, 2.0)),  # marketFF as a double
+        raw_bytes(2, raw_bytes(2, raw_varint(1, 1))),  # indexFF's ltpc as a varint
+        raw_bytes(3, raw_fixed32(1, b"\0" * 4)),  # firstLevelWithGreeks' ltpc as an I32
+        raw_fixed32(3, b"\0" * 4),  # firstLevelWithGreeks as an I32
+    ],
+    ids=["ltp", "ltt", "ltpc", "marketFF", "indexFF-ltpc", "greeks-ltpc", "greeks"],
+)
+def test_a_field_read_with_another_wire_type_makes_the_entry_malformed(feed: bytes) -> None:
+    """A field on the way to the LTPC that came with another wire type is not taken as absent
+    (bad_price, or no exchange time): the entry is malformed."""
+    out = decode(response(LIVE_FEED, entry(RELIANCE, feed), entry(HDFC, feed_ltpc(ltpc(9.5)))))
+    assert out == p.Decoded(errors=[p.BAD_FRAME], ticks=[p.Tick(HDFC, 9.5, LTT)])
+
+
+def test_a_key_with_another_wire_type_makes_the_entry_malformed() -> None:
+    """A key sent as a varint is not an absent key (no_symbol): the entry is malformed."""
+    value = raw_bytes(2, feed_ltpc(ltpc()).SerializeToString())
+    frame = response(LIVE_FEED, raw_bytes(2, raw_varint(1, 7) + value))
+    assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME])
+
+
+def test_a_misread_field_is_reported_before_what_else_the_entry_lacks() -> None:
+    """An entry without a key whose ltp also came as a varint counts bad_frame, not no_symbol."""
+    value = raw_bytes(2, raw_bytes(1, raw_varint(1, 5)))
+    assert decode(response(LIVE_FEED, raw_bytes(2, value))) == p.Decoded(errors=[p.BAD_FRAME])
+
+
+def test_an_entry_that_makes_a_tick_is_taken_as_protobuf_reads_it() -> None:
+    """A whole LTPC is a tick even beside a stray copy of ltp with another wire type:
+    protobuf keeps that copy as an unknown field, and nothing is missing to look into."""
+    body = ltpc(2500.5).SerializeToString() + raw_varint(1, 1)
+    out = decode(response(LIVE_FEED, entry(RELIANCE, raw_bytes(1, body))))
+    assert out == p.Decoded(ticks=[p.Tick(RELIANCE, 2500.5, LTT)])
+
+
+def test_a_frame_the_runtime_refuses_is_split_into_its_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever the runtime raises on the whole frame (not only DecodeError), the entries are
+    judged one by one; if it raises on those too, each is one bad_frame; never an exception."""
+    frame = response(
+        MARKET_INFO, entry(RELIANCE, feed_ltpc(ltpc())), entry(HDFC, feed_ltpc(ltpc(9.5)))
+    )
+
+    class Refusing:
+        @staticmethod
+        def FromString(data: bytes) -> None:
+            raise RuntimeError("the runtime failed")
+
+    class Wire:
+        FeedEntries = Refusing
+        FeedFrame = upstox.wire.FeedFrame
+        FeedEntry = upstox.wire.FeedEntry
+
+    monkeypatch.setattr(upstox, "wire", Wire)
+    assert decode(frame) == p.Decoded(
+        ticks=[p.Tick(RELIANCE, 2500.5, LTT), p.Tick(HDFC, 9.5, LTT)], heartbeat=True
+    )
+    Wire.FeedEntry = Refusing
+    assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME, p.BAD_FRAME], heartbeat=True)
+    Wire.FeedFrame = Refusing
+    assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME])
+
+
+def test_a_large_frame_of_garbage_is_one_bad_frame() -> None:
+    """A megabyte of bytes that only start like a FeedResponse is one bad_frame."""
+    frame = response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc()))) + b"\x12\x80" * 500_000
+    assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME])
+
+
+# -- properties --------------------------------------------------------------------
+
+_KEYS = st.sampled_from([RELIANCE, HDFC, NIFTY, "BSE_EQ|INE000X00000", ""])
+_PRICES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.0, 2500.5, 1e12, 1e12 - 1, 5e-324]),
+)
+_LTTS = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.sampled_from([0, LTT, 1 << 53]))
+_SHAPES = st.sampled_from([feed_ltpc, feed_market_ff, feed_index_ff, feed_greeks])
+
+
+@given(st.lists(st.tuples(_KEYS, _PRICES, _LTTS, _SHAPES), max_size=12), st.integers(0, 7))
+def test_a_well_formed_frame_is_one_add_per_entry_in_wire_order(
+    entries: list[tuple[str, float, int, object]], kind: int
+) -> None:
+    """Any frame the runtime writes decodes as Decoded.add of each entry's key, ltp and ltt
+    (None unless positive), in order: the same ticks and reasons, nothing more."""
+    frames = []
+    expected = p.Decoded(heartbeat=kind == MARKET_INFO)
+    for key, ltp, ltt, shape in entries:
+        assert callable(shape)
+        frames.append(entry(key, shape(ltpc(ltp, ltt))))
+        expected.add(key, ltp, ltt if ltt > 0 else None, KNOWN)
+    assert decode(response(kind, *frames)) == expected
 
 
 @given(st.binary(max_size=300))
@@ -360,7 +584,7 @@ def test_decode_ltp_refuses_bodies_that_are_not_a_success(body: object) -> None:
 
 def test_float32_bytes_in_an_unknown_field_do_not_shift_the_ltp() -> None:
     """An I32 field before ltp is skipped by its 4 bytes exactly."""
-    body = pb.fixed32_field(9, struct.pack("<f", 7.0)) + ltpc(12.5)
-    assert decode(response(LIVE_FEED, entry(RELIANCE, feed_ltpc(body)))).ticks == [
+    body = raw_fixed32(9, struct.pack("<f", 7.0)) + ltpc(12.5).SerializeToString()
+    assert decode(response(LIVE_FEED, entry(RELIANCE, raw_bytes(1, body)))).ticks == [
         p.Tick(RELIANCE, 12.5, LTT)
     ]
