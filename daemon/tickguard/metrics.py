@@ -18,7 +18,7 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from tickguard import __version__
@@ -64,9 +64,8 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        self.ticks = Counter(
-            "tickguard_ticks", "Prices received, by source", ["source"], registry=r
-        )
+        self.ticks = TickCounts()
+        r.register(self.ticks)
         self.bad_messages = Counter(
             "tickguard_feed_bad_messages",
             "Feed frames or entries dropped, by reason",
@@ -83,9 +82,6 @@ class Metrics:
             "tickguard_dns_fallbacks",
             "Resolutions that needed a fallback resolver or a last-known-good address",
             registry=r,
-        )
-        self.last_tick_timestamp = Gauge(
-            "tickguard_last_tick_timestamp_seconds", "Unix time of the newest live tick", registry=r
         )
         self.fallback_active = Gauge(
             "tickguard_fallback_active",
@@ -172,8 +168,6 @@ class Metrics:
         # Pre-create the labelled series so dashboards see zeros, not gaps.
         for kind in NETWORK_ERROR_KINDS:
             self.network_errors.labels(kind)
-        for source in ("live", "poll"):
-            self.ticks.labels(source)
         for resolver in ("primary", "fallback", "last_known_good"):
             for outcome in ("ok", "fail"):
                 self.dns_lookups.labels(resolver, outcome)
@@ -184,6 +178,34 @@ class Metrics:
                 self.exits.labels(reason, price_source)
         for why in EXIT_FAILURE_REASONS:
             self.exit_failures.labels(why)
+
+
+class TickCounts(Collector):
+    """`tickguard_ticks_total{source}` and `tickguard_last_tick_timestamp_seconds`: plain
+    numbers the price intakes (tickguard.feed.intake) keep, read at scrape time.
+
+    Not a Counter and a Gauge: their inc() and set() take a lock each and cost about
+    1 µs together per frame, as much as decoding a one-tick frame (docs/benchmarks.md).
+    Written only on the guard loop; the scrape, on the API's thread, reads an int and
+    a float, each read whole.
+    """
+
+    def __init__(self) -> None:
+        self.received = {"live": 0, "poll": 0}  # ticks by source (both exported from the start)
+        self.last_live_tick = 0.0  # unix time of the newest live tick; 0 before the first
+
+    def collect(self) -> Iterable[Metric]:
+        ticks = CounterMetricFamily(
+            "tickguard_ticks", "Prices received, by source", labels=["source"]
+        )
+        for source, count in list(self.received.items()):
+            ticks.add_metric([source], count)
+        yield ticks
+        yield GaugeMetricFamily(
+            "tickguard_last_tick_timestamp_seconds",
+            "Unix time of the newest live tick",
+            value=self.last_live_tick,
+        )
 
 
 class AgeCollector(Collector):

@@ -4,12 +4,19 @@ Pure: every call takes `now` (monotonic seconds) and, where a record needs
 it, `wall` (epoch seconds); every decision comes back as an event for the
 adapter to journal, send and log. A position has at most one exit in flight:
 asking again returns that exit.
+
+Most ticks change nothing: a guarded price moves between its stop and its
+target. Each guarded symbol keeps the open interval of prices that provably
+change nothing (`_Guarded.calm`), recomputed whenever its position or its
+blind state changes, so `due` can leave a tick's full evaluation out at the
+cost of a dict lookup and a comparison.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +26,7 @@ from tickguard.core.positions import (
     ExitReason,
     Position,
     PositionState,
+    Side,
     Trigger,
     check_triggers,
 )
@@ -95,14 +103,101 @@ class GuardView:
     held_for_open: tuple[str, ...]  # crossed while the market is closed (sorted)
 
 
-@dataclass(slots=True)
+_ANY_PRICE = (-math.inf, math.inf)
+_NO_PRICE = (math.inf, -math.inf)
+
+
+def _calm(position: Position, blind_clear: bool) -> tuple[float, float]:
+    """(low, high): a usable price p with low < p < high changes nothing when `position` is
+    evaluated on it, and yields no event (see `Guard._evaluate`).
+
+    - A blind flag to clear, or a blind clock running, could change: no price is calm.
+    - Exiting: only the blind state is looked at, and a usable price leaves it be.
+    - Open: p must cross no rule (`check_triggers`: a stop fires at p <= level for a
+      long, a target at p >= level), and must not move the trailing anchor
+      (`Position.ratchet`: p > anchor for a long; p == anchor leaves it, so the
+      bound is the next double above it), which a first price always sets.
+      Held after a refusal or not, such a price changes nothing. Short is mirrored.
+    """
+    if not blind_clear:
+        return _NO_PRICE
+    if position.state is not PositionState.OPEN:
+        return _ANY_PRICE
+    spec = position.spec
+    long = position.side is Side.LONG
+    stops: list[float] = [] if spec.stop_loss is None else [spec.stop_loss]
+    limits: list[float] = [] if spec.take_profit is None else [spec.take_profit]
+    trail = position.trailing_level()
+    if trail is not None:
+        if position.trail_anchor is None:
+            return _NO_PRICE
+        stops.append(trail)
+        limits.append(math.nextafter(position.trail_anchor, math.inf if long else -math.inf))
+    if long:
+        return max(stops, default=-math.inf), min(limits, default=math.inf)
+    return max(limits, default=-math.inf), min(stops, default=math.inf)
+
+
 class _Guarded:
-    position: Position
-    since: float  # monotonic: when guarding began (ages a symbol without a price)
-    hold_until: float = 0.0  # no automatic exit before this (after a refusal)
-    unusable_since: float | None = None  # market-open moment it was first seen unusable
-    blind: bool = False
-    held: bool = False  # a crossing was held for the open in this closed spell (said once)
+    """A guarded position and what the guard knows of its symbol.
+
+    `calm` follows `position`, `unusable_since` and `blind`: assigning any of
+    them recomputes it (positions are immutable, so every change is one).
+    """
+
+    __slots__ = (
+        "_blind",
+        "_position",
+        "_unusable_since",
+        "calm",
+        "held",
+        "hold_until",
+        "since",
+        "symbol",
+    )
+
+    def __init__(self, position: Position, since: float) -> None:
+        self.symbol = position.symbol  # a guarded entry's symbol never changes
+        self.since = since  # monotonic: when guarding began (ages a symbol without a price)
+        self.hold_until = 0.0  # no automatic exit before this (after a refusal)
+        self.held = False  # a crossing was held for the open in this closed spell (said once)
+        self._unusable_since: float | None = None  # market-open moment first seen unusable
+        self._blind = False
+        self._position = position
+        self.calm = _calm(position, True)
+
+    @property
+    def position(self) -> Position:
+        return self._position
+
+    @position.setter
+    def position(self, position: Position) -> None:
+        if position is not self._position:  # ratchet() gives the same one when nothing moved
+            self._position = position
+            self.calm = _calm(position, self._blind_clear())
+
+    @property
+    def unusable_since(self) -> float | None:
+        return self._unusable_since
+
+    @unusable_since.setter
+    def unusable_since(self, moment: float | None) -> None:
+        if moment != self._unusable_since:
+            self._unusable_since = moment
+            self.calm = _calm(self._position, self._blind_clear())
+
+    @property
+    def blind(self) -> bool:
+        return self._blind
+
+    @blind.setter
+    def blind(self, blind: bool) -> None:
+        if blind != self._blind:
+            self._blind = blind
+            self.calm = _calm(self._position, self._blind_clear())
+
+    def _blind_clear(self) -> bool:
+        return self._unusable_since is None and not self._blind
 
 
 class Guard:
@@ -178,10 +273,10 @@ class Guard:
     def view(self) -> GuardView:
         """A frozen copy of what readers off the guard loop may see (the API, the metrics)."""
         guarded = self._guarded.items()
-        return GuardView(
-            positions={s: g.position for s, g in guarded},
+        return GuardView(  # the fields, not their properties: one per guarded symbol each
+            positions={s: g._position for s, g in guarded},
             since={s: g.since for s, g in guarded},
-            blind=frozenset(s for s, g in guarded if g.blind),
+            blind=frozenset(s for s, g in guarded if g._blind),
             held_for_open=tuple(self.held_for_open()),
         )
 
@@ -195,11 +290,49 @@ class Guard:
         self._note_market(now, market_open)
         return self._evaluate(guarded, now, wall, market_open)
 
-    def sweep(self, now: float, wall: float, market_open: bool) -> list[Event]:
-        """Evaluate every position (the periodic sweep)."""
+    def due(self, symbols: Iterable[str]) -> list[str] | None:
+        """Of `symbols`, whose prices just changed in the book, those to `evaluate`; None if
+        none is guarded (then evaluating them all would do nothing at all).
+
+        Left out: unguarded symbols, and guarded ones whose price is live from the
+        socket's current session (so usable at any moment) and calm (`_calm`):
+        evaluating them would change nothing and yield no event. When any symbol is
+        guarded the caller still tells the guard what it sees of the market
+        (`note_market`), as evaluating it would. A dict lookup per symbol (in C), a
+        method call and a comparison per guarded one.
+        """
+        # The guarded ones, in order, found by a loop in C (most symbols are not guarded).
+        found = [*filter(None, map(self._guarded.get, symbols))]
+        if not found:
+            return None
+        live_value = self.book.live_value
+        due: list[str] = []
+        for g in found:
+            low, high = g.calm
+            value = live_value(g.symbol)
+            if value is None or not low < value < high:
+                due.append(g.symbol)
+        return due
+
+    def note_market(self, now: float, market_open: bool) -> None:
+        """What evaluating any position tells the guard of the market (`due`'s caller)."""
         self._note_market(now, market_open)
+
+    def sweep(self, now: float, wall: float, market_open: bool) -> list[Event]:
+        """Evaluate every position (the periodic sweep), as prices age.
+
+        A position whose price is live (age 0 while the socket's session lasts)
+        and calm is left out, as `due` leaves it out: evaluating it would change
+        nothing, now or at any later moment of that session.
+        """
+        self._note_market(now, market_open)
+        live_value = self.book.live_value
         events: list[Event] = []
         for guarded in list(self._guarded.values()):
+            low, high = guarded.calm
+            value = live_value(guarded.symbol)
+            if value is not None and low < value < high:
+                continue
             events.extend(self._evaluate(guarded, now, wall, market_open))
         return events
 

@@ -7,7 +7,7 @@ symbols' prices changed. What differs by source is kept here too:
 
 - the price book decides per tick, by source: a poll price never replaces a
   live one from the socket's current session, and no price replaces a newer
-  one in exchange time (`PriceBook.update`);
+  one in exchange time (`PriceBook.take`);
 - only live ticks set `tickguard_last_tick_timestamp_seconds`.
 
 Channel health (`PriceBook.channel_up` / `channel_alive`) and the fallback
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from prometheus_client import Counter
 
 from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.feed.protocol import Decoded
@@ -30,7 +32,16 @@ OnPrices = Callable[[list[str], PriceSource], None]
 class PriceIntake:
     """Takes decoded batches from one source (`PriceSource.LIVE` or `PriceSource.POLL`)."""
 
-    __slots__ = ("_bad", "_book", "_last_tick", "_on_prices", "_source", "_ticks")
+    __slots__ = (
+        "_bad",
+        "_bad_by_reason",
+        "_book",
+        "_counts",
+        "_label",
+        "_live",
+        "_on_prices",
+        "_source",
+    )
 
     def __init__(
         self, book: PriceBook, metrics: Metrics, on_prices: OnPrices, source: PriceSource
@@ -40,10 +51,12 @@ class PriceIntake:
         self._book = book
         self._on_prices = on_prices
         self._source = source
+        # Labelled children, each looked up once: labels() takes a lock and a dict lookup.
         self._bad = metrics.bad_messages
-        # The labelled child, looked up once: labels() takes a lock and a dict lookup.
-        self._ticks = metrics.ticks.labels(source.value)
-        self._last_tick = metrics.last_tick_timestamp if source is PriceSource.LIVE else None
+        self._bad_by_reason: dict[str, Counter] = {}
+        self._counts = metrics.ticks
+        self._label = source.value  # read once: Enum.value is a property
+        self._live = source is PriceSource.LIVE
 
     def take(self, decoded: Decoded, now: float) -> None:
         """Count `decoded`'s dropped entries; record its ticks, received at `now` (monotonic).
@@ -53,20 +66,39 @@ class PriceIntake:
         if there are any. A batch without ticks changes nothing but the
         bad-message counts.
 
-        Costs, per batch: one book update per tick (a dict lookup, and a `Price`
-        for each tick taken), the list of symbols taken, one counter increment
-        and, for live ticks, one wall-clock read and gauge set; one `labels()`
-        lookup per dropped entry (bad input only). Nothing else is made per tick.
+        What a batch costs here (benchmarks/tick_path.py measures it):
+        - per tick: the book's loop (`PriceBook.take`: a dict lookup, a few
+          comparisons, a tuple and a dict store) and the symbol appended to
+          the list `on_prices` gets. The ticks themselves were made in C by
+          the decoder (`Tick` is a msgspec struct; the `json` protocol's
+          symbols are the subscription's own strings, found by identity), and
+          nothing else is made per tick here. Behind a socket the dict lookups
+          dominate: the book's rows are cold in the CPU caches by then;
+        - per batch: the tick count added to and, for live ticks, a wall-clock
+          read (plain numbers the scrape reads: `TickCounts`), and the
+          `on_prices` call, which costs the guard a dict lookup per symbol and a
+          comparison per guarded one (`Guard.due`), and a full evaluation only
+          for a price past a level, a new trailing high or a blind state;
+        - per dropped entry (bad input only): a counter increment.
         """
-        for reason in decoded.errors:
-            self._bad.labels(reason).inc()
+        if decoded.errors:
+            self._count_dropped(decoded.errors)
         ticks = decoded.ticks
         if not ticks:
             return
-        update, source = self._book.update, self._source
-        updated = [t.symbol for t in ticks if update(t.symbol, t.price, t.exchange_ts, source, now)]
-        self._ticks.inc(len(ticks))
-        if self._last_tick is not None:
-            self._last_tick.set(time.time())
-        if updated:
-            self._on_prices(updated, source)
+        source = self._source
+        taken = self._book.take(ticks, source, now)
+        counts = self._counts
+        counts.received[self._label] += len(ticks)
+        if self._live:
+            counts.last_live_tick = time.time()
+        if taken:
+            self._on_prices(taken, source)
+
+    def _count_dropped(self, reasons: list[str]) -> None:
+        children = self._bad_by_reason
+        for reason in reasons:
+            child = children.get(reason)
+            if child is None:
+                child = children[reason] = self._bad.labels(reason)
+            child.inc()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Annotated, Protocol
+
+import msgspec
 
 from tickguard.core import untrusted
 
@@ -26,19 +28,46 @@ TOO_LARGE = "too_large"
 BAD_FRAME = "bad_frame"  # a frame the protocol cannot decode at all (e.g. bad protobuf)
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    symbol: str
-    price: float
-    exchange_ts: int | None  # epoch milliseconds
+# The checks of `Decoded.add` as types msgspec checks in C while it decodes (feed protocols
+# that decode with msgspec use them): a symbol is a non-empty string; a price a number (not
+# a bool) with 0 < x < MAX_AMOUNT, so finite; an exchange time an integer with
+# 0 <= ms < MAX_EPOCH_MS. The bounds are untrusted's, so the two cannot drift apart.
+Symbol = Annotated[str, msgspec.Meta(min_length=1)]
+Amount = Annotated[float, msgspec.Meta(gt=0, lt=untrusted.MAX_AMOUNT)]
+EpochMs = Annotated[int, msgspec.Meta(ge=0, lt=untrusted.MAX_EPOCH_MS)]
 
 
-@dataclass(slots=True)
-class Decoded:
+class Tick(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """One price entry. A msgspec struct: made in C, also by the decoder of a `json`
+    protocol entry (`{"symbol", "price", "ts"}`, nothing else), which checks its fields
+    against the types above as it makes it. Made from Python, its fields are not checked:
+    `Decoded.add` does that.
+
+    Ticks are equal when their fields are, whatever their class: a decoder may make
+    them of a subclass that narrows `symbol` (tickguard.feed.json_protocol)."""
+
+    symbol: Symbol
+    price: Amount
+    exchange_ts: EpochMs | None = msgspec.field(default=None, name="ts")  # epoch milliseconds
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Tick):
+            return NotImplemented
+        return (self.symbol, self.price, self.exchange_ts) == (
+            other.symbol,
+            other.price,
+            other.exchange_ts,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.symbol, self.price, self.exchange_ts))
+
+
+class Decoded(msgspec.Struct, gc=False):
     """What one frame carried."""
 
-    ticks: list[Tick] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)  # one reason per dropped frame or entry
+    ticks: list[Tick] = []
+    errors: list[str] = []  # one reason per dropped frame or entry
     heartbeat: bool = False  # a sign of life without prices
 
     def add(

@@ -340,13 +340,18 @@ class FeedSupervisor:
             len(symbols),
         )
         keepalive = asyncio.create_task(self._keepalive(ws), name="feed keepalive")
+        silence = asyncio.create_task(self._watch_silence(ws), name="feed silence")
         try:
             return await self._receive(ws)
         finally:
             keepalive.cancel()
+            silence.cancel()
             self.state = FeedState.BACKOFF
             self.connected_since = None
             self.backoff.disconnected(self._mono())
+            # The receiver keeps only last_frame_at per frame: the book learns of the
+            # session's last sign of life here, before its prices turn into cache.
+            self.book.channel_alive(PriceSource.LIVE, self.last_frame_at)
             self.book.channel_down(PriceSource.LIVE)
             self.metrics.websocket_connected.set(0)
             task = asyncio.current_task()
@@ -371,21 +376,17 @@ class FeedSupervisor:
         return None
 
     async def _receive(self, ws: FeedConnection) -> Failure:
-        silence = self.config.silence_timeout
+        """Take frames until the connection ends; the failure that ended it.
+
+        The hot loop: per frame a clock read, the protocol's decode and the
+        intake (tickguard.feed.intake). No deadline is set around recv(): the
+        silence deadline is watched by a task of its own (`_watch_silence`), and
+        ends the connection by aborting it, as the keepalive does.
+        """
+        decode, take, mono = self.protocol.decode, self._intake.take, self._mono
         while True:
-            assert self.last_frame_at is not None
-            wait = max(0.0, self.last_frame_at + silence - self._mono())
             try:
-                # Past the deadline (market closed): look again at least every second.
-                timeout = wait if wait > 0 else min(silence, 1.0)
-                # Not wait_for: on 3.11 it swallows a cancellation that arrives as
-                # recv() completes, and the supervisor would then never stop.
-                async with asyncio.timeout(timeout):
-                    frame = await ws.recv()
-            except TimeoutError:
-                if self._market_open() and self._mono() - self.last_frame_at >= silence:
-                    return Failure("silence", f"no data for {silence:g}s")
-                continue
+                frame = await ws.recv()
             except ConnectionClosed as exc:
                 if ws.failure is not None:  # we aborted it, and said why
                     return ws.failure
@@ -393,13 +394,36 @@ class FeedSupervisor:
                     self.metrics.bad_messages.labels(TOO_LARGE).inc()
                     return Failure("protocol", "a frame over the size limit")
                 return Failure("closed", _closed(exc))
-            now = self._mono()
+            now = mono()
+            # Any frame is a sign of life (the book hears of the last one when the session ends).
             self.last_frame_at = now
-            self.book.channel_alive(PriceSource.LIVE, now)
-            decoded = self.protocol.decode(frame, self.subscribed)
-            if decoded.ticks:  # a tick ends the fallback, even one the book refuses
+            decoded = decode(frame, self.subscribed)
+            if decoded.ticks and self.fallback_active:
+                # A tick ends the fallback, even one the book refuses.
                 self._set_fallback(False, "live prices are back")
-            self._intake.take(decoded, now)
+            take(decoded, now)
+
+    async def _watch_silence(self, ws: FeedConnection) -> None:
+        """Abort `ws` as `silence` (a zombie) once no data frame has come for
+        silence_timeout while the market is open; past the deadline with the
+        market closed, look again at least every second.
+
+        A task rather than a deadline around each recv(): asyncio.timeout per frame
+        cost a timer scheduled and cancelled per frame. This sleeps until the
+        deadline of the last frame it saw, so it wakes about once per
+        silence_timeout while frames flow, and detects at the deadline itself.
+        """
+        silence = self.config.silence_timeout
+        while True:
+            assert self.last_frame_at is not None
+            wait = self.last_frame_at + silence - self._mono()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif self._market_open():
+                ws.fail(Failure("silence", f"no data for {silence:g}s"))  # wakes the receiver
+                return
+            else:
+                await asyncio.sleep(min(silence, 1.0))
 
     async def _keepalive(self, ws: FeedConnection) -> None:
         timeout = self.config.ping_timeout

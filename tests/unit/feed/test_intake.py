@@ -208,3 +208,14 @@ def test_no_intake_for_a_source_prices_do_not_arrive_by(source: PriceSource) -> 
     rig = Rig()
     with pytest.raises(ValueError, match=source.value):
         PriceIntake(rig.book, rig.metrics, rig.on_prices, source)
+
+
+def test_the_tick_series_are_exported_from_the_start() -> None:
+    """Both sources' tick counts and the newest-tick time exist at 0 before any tick, so a
+    first tick shows in increase() (they are read at scrape time: metrics.TickCounts)."""
+    rig = Rig()
+    for source in ("live", "poll"):
+        assert rig.registry.get_sample_value("tickguard_ticks_total", {"source": source}) == 0
+    assert rig.registry.get_sample_value("tickguard_last_tick_timestamp_seconds") == 0
+    rig.take(LIVE, batch(("A", 10.0, None), ("B", 1.0, None)), 1.0)
+    assert rig.registry.get_sample_value("tickguard_ticks_total", {"source": "live"}) == 2
