@@ -1,6 +1,7 @@
 """The tick path end to end (issue 13): the real daemon next to a bare receive loop.
 
     .venv/bin/python benchmarks/e2e.py [--quick] [--work-dir DIR] [--no-docs] [--json]
+                                       [--only SCENARIO ...]
 
 Runs tests/integration/e2e_scenarios.py: the daemon (`tickguard run`, 5,000
 symbols subscribed, 1,000 positions guarded), the feed server, the bare loop
@@ -170,8 +171,14 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--json", action="store_true", help="end with the figures as JSON")
+    parser.add_argument("--only", action="append", default=[], metavar="SCENARIO",
+                        help="run only this scenario (repeatable; implies --no-docs): one of"
+                        " resources, throughput, latency, zombie, black_hole, drop, upstox")  # fmt: skip
     args = parser.parse_args()
     scenario = from_tests.load("e2e_scenarios")
+    unknown = set(args.only) - set(scenario.SCENARIOS)
+    if unknown:
+        parser.error(f"--only: unknown scenario {', '.join(sorted(unknown))}")
     params = scenario.QUICK if args.quick else scenario.FULL
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tickguard-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,13 +187,14 @@ def main() -> int:
     def progress(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    report = asyncio.run(scenario.run(work, params, progress))
+    only = tuple(args.only) or scenario.SCENARIOS
+    report = asyncio.run(scenario.run(work, params, progress, only))
     seconds = time.monotonic() - started
     print("\n".join(report.table()), flush=True)
     if args.json:
         figures = {k: (None if math.isnan(v) else v) for k, v in report.figures().items()}
         print(json.dumps({"figures": figures, "failures": report.failures}), flush=True)
-    if not args.quick and not args.no_docs:
+    if not args.quick and not args.no_docs and not args.only:
         update_docs(section(report, ".venv/bin/python benchmarks/e2e.py", seconds))
         print(f"(written to {DOCS})", file=sys.stderr)
     if args.work_dir is None:
