@@ -2,18 +2,22 @@
 
     .venv/bin/python benchmarks/upstox_decode.py [--instruments 50] [--repeat 15]
 
-Two FeedResponse frames of N instruments, built with the code generated from
-Upstox's MarketDataFeedV3.proto: an `ltpc` frame (the mode tickguard
-subscribes in) and a `full` frame (marketFF: five depth levels, greeks, two
-OHLC bars; every fifth instrument an index, indexFF). For each, µs per frame:
+FeedResponse frames built with the code generated from Upstox's
+MarketDataFeedV3.proto: an `ltpc` frame of N instruments (the mode tickguard
+subscribes in), a `full` frame of N (marketFF: five depth levels, greeks, two
+OHLC bars; every fifth instrument an index, indexFF), and an `ltpc` frame of
+one instrument (`ltpc1`: what a frame costs beside its entries). For each,
+µs per frame:
 
 - bare upb: `FeedResponse().ParseFromString(frame)`, nothing read;
 - upb+read: that parse, then each entry's key, ltp and ltt read from the map
   (the least any user of the parsed message does);
-- tickguard: `UpstoxProtocol.decode`, every check included, ticks made
-  through `Decoded.add` (feed/protocol.py);
-- adds: Decoded.add alone, N calls with the same values: the part of
-  tickguard's figure that is not decoding; tickguard-adds is the rest.
+- tickguard: `UpstoxProtocol.decode`, every check included, a `Tick` made
+  per entry;
+- entries: what tickguard's decode reads, and no more: the frame parsed as
+  upstox_wire.proto's FeedEntries (the feeds map as the repeated entries it
+  is on the wire) and each entry's key, ltp and ltt read. tickguard-entries
+  is the rest: the checks, the Ticks, the frame's own costs.
 
 Each figure is the best of --repeat rounds; a round times every candidate in
 turn for at least 0.1 s of this process's CPU time (time.process_time: other
@@ -29,7 +33,7 @@ import time
 from collections.abc import Callable
 
 from tickguard.feed import MarketDataFeedV3_pb2 as v3
-from tickguard.feed import protocol as p
+from tickguard.feed import upstox_wire_pb2 as wire
 from tickguard.feed.upstox import UpstoxProtocol
 
 LTT = 1_767_765_256_123  # epoch ms
@@ -133,14 +137,17 @@ def read_each(frame: bytes) -> None:
         _ = key, ltpc.ltp, ltpc.ltt
 
 
-def adds_only(symbols: list[str], known: frozenset[str]) -> Callable[[], object]:
-    def run() -> p.Decoded:
-        out = p.Decoded()
-        for i, key in enumerate(symbols):
-            out.add(key, 2500.5 + i, LTT + i, known)
-        return out
-
-    return run
+def read_entries(frame: bytes) -> None:
+    """The frame parsed as FeedEntries, then each entry's key, ltp and ltt, wherever its
+    mode put them (ltpc, or the full mode's marketFF or indexFF)."""
+    for entry in wire.FeedEntries.FromString(frame).feeds:
+        feed = entry.value
+        if feed.HasField("ltpc"):
+            ltpc = feed.ltpc
+        else:
+            full = feed.fullFeed
+            ltpc = full.marketFF.ltpc if full.HasField("marketFF") else full.indexFF.ltpc
+        _ = entry.key, ltpc.ltp, ltpc.ltt
 
 
 def main() -> int:
@@ -154,27 +161,29 @@ def main() -> int:
     print(f"{args.instruments} instruments a frame; CPU µs per frame, best of {args.repeat} rounds")
     print(
         f"{'frame':<6} {'bytes':>6} {'bare upb':>9} {'upb+read':>9} {'tickguard':>10} "
-        f"{'x bare':>7} {'x read':>7} {'adds':>7} {'tickguard-adds':>15} {'x bare':>7} {'x read':>7}"
+        f"{'x bare':>7} {'x read':>7} {'entries':>8} {'tickguard-entries':>18}"
     )
-    adds = adds_only(symbols, known)
-    for name, frame in (("ltpc", ltpc_frame(symbols)), ("full", full_frame(symbols))):
+    frames = (
+        ("ltpc", ltpc_frame(symbols), args.instruments),
+        ("full", full_frame(symbols), args.instruments),
+        ("ltpc1", ltpc_frame(symbols[:1]), 1),
+    )
+    for name, frame, entries_in in frames:
         decoded = protocol.decode(frame, known)
-        assert len(decoded.ticks) == args.instruments and not decoded.errors, decoded.errors[:3]
+        assert len(decoded.ticks) == entries_in and not decoded.errors, decoded.errors[:3]
         us = best_of(
             {
                 "bare": lambda f=frame: v3.FeedResponse().ParseFromString(f),
                 "read": lambda f=frame: read_each(f),
                 "ours": lambda f=frame: protocol.decode(f, known),
-                "adds": adds,
+                "entries": lambda f=frame: read_entries(f),
             },
             args.repeat,
         )
-        bare, read, ours = us["bare"], us["read"], us["ours"]
-        own = ours - us["adds"]
+        bare, read, ours, entries = us["bare"], us["read"], us["ours"], us["entries"]
         print(
             f"{name:<6} {len(frame):>6} {bare:>9.1f} {read:>9.1f} {ours:>10.1f} "
-            f"{ours / bare:>6.1f}x {ours / read:>6.1f}x {us['adds']:>7.1f} {own:>15.1f} "
-            f"{own / bare:>6.1f}x {own / read:>6.1f}x"
+            f"{ours / bare:>6.1f}x {ours / read:>6.2f}x {entries:>8.1f} {ours - entries:>18.1f}"
         )
     return 0
 

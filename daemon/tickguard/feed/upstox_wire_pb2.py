@@ -26,17 +26,17 @@ _sym_db = _symbol_database.Default()
 from tickguard.feed import MarketDataFeedV3_pb2 as tickguard_dot_feed_dot_MarketDataFeedV3__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tickguard/feed/upstox_wire.proto\x12\x10tickguard.upstox\x1a%tickguard/feed/MarketDataFeedV3.proto\"{\n\x0b\x46\x65\x65\x64\x45ntries\x12@\n\x04type\x18\x01 \x01(\x0e\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Type\x12*\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x1b.tickguard.upstox.FeedEntry\"[\n\tFeedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x41\n\x05value\x18\x02 \x01(\x0b\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Feed\"\\\n\tFeedFrame\x12@\n\x04type\x18\x01 \x01(\x0e\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Type\x12\r\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tickguard/feed/upstox_wire.proto\x12\x10tickguard.upstox\x1a%tickguard/feed/MarketDataFeedV3.proto\"\xa2\x01\n\x0b\x46\x65\x65\x64\x45ntries\x12@\n\x04type\x18\x01 \x01(\x0e\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Type\x12*\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0b\x32\x1b.tickguard.upstox.FeedEntry\x12\x11\n\tcurrentTs\x18\x03 \x01(\x03\x12\x12\n\nmarketInfo\x18\x04 \x01(\x0c\"[\n\tFeedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x41\n\x05value\x18\x02 \x01(\x0b\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Feed\"\\\n\tFeedFrame\x12@\n\x04type\x18\x01 \x01(\x0e\x32\x32.com.upstox.marketdatafeederv3udapi.rpc.proto.Type\x12\r\n\x05\x66\x65\x65\x64s\x18\x02 \x03(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tickguard.feed.upstox_wire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDENTRIES']._serialized_start=93
-  _globals['_FEEDENTRIES']._serialized_end=216
-  _globals['_FEEDENTRY']._serialized_start=218
-  _globals['_FEEDENTRY']._serialized_end=309
-  _globals['_FEEDFRAME']._serialized_start=311
-  _globals['_FEEDFRAME']._serialized_end=403
+  _globals['_FEEDENTRIES']._serialized_start=94
+  _globals['_FEEDENTRIES']._serialized_end=256
+  _globals['_FEEDENTRY']._serialized_start=258
+  _globals['_FEEDENTRY']._serialized_end=349
+  _globals['_FEEDFRAME']._serialized_start=351
+  _globals['_FEEDFRAME']._serialized_end=443
 # @@protoc_insertion_point(module_scope)

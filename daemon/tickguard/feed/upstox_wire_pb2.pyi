@@ -9,12 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FeedEntries(_message.Message):
-    __slots__ = ("type", "feeds")
+    __slots__ = ("type", "feeds", "currentTs", "marketInfo")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     FEEDS_FIELD_NUMBER: _ClassVar[int]
+    CURRENTTS_FIELD_NUMBER: _ClassVar[int]
+    MARKETINFO_FIELD_NUMBER: _ClassVar[int]
     type: _MarketDataFeedV3_pb2.Type
     feeds: _containers.RepeatedCompositeFieldContainer[FeedEntry]
-    def __init__(self, type: _Optional[_Union[_MarketDataFeedV3_pb2.Type, str]] = ..., feeds: _Optional[_Iterable[_Union[FeedEntry, _Mapping]]] = ...) -> None: ...
+    currentTs: int
+    marketInfo: bytes
+    def __init__(self, type: _Optional[_Union[_MarketDataFeedV3_pb2.Type, str]] = ..., feeds: _Optional[_Iterable[_Union[FeedEntry, _Mapping]]] = ..., currentTs: _Optional[int] = ..., marketInfo: _Optional[bytes] = ...) -> None: ...
 
 class FeedEntry(_message.Message):
     __slots__ = ("key", "value")

@@ -9,6 +9,7 @@ hand with the few raw-bytes helpers below.
 import json
 import math
 import struct
+from collections.abc import Collection
 
 import pytest
 from hypothesis import given
@@ -116,7 +117,7 @@ def raw_string(number: int, value: str) -> bytes:
     return raw_bytes(number, value.encode())
 
 
-def decode(frame: str | bytes, known: set[str] = KNOWN) -> p.Decoded:
+def decode(frame: str | bytes, known: Collection[str] = KNOWN) -> p.Decoded:
     return UpstoxProtocol().decode(frame, known)
 
 
@@ -434,6 +435,24 @@ def test_an_entry_that_makes_a_tick_is_taken_as_protobuf_reads_it() -> None:
     assert out == p.Decoded(ticks=[p.Tick(RELIANCE, 2500.5, LTT)])
 
 
+def test_an_unsubscribed_key_is_looked_into_before_it_counts_unknown_symbol() -> None:
+    """A whole LTPC for a key not subscribed is unknown_symbol, unless a field tickguard reads
+    was misread (a stray copy of ltp as a varint): then it is malformed, as for any entry
+    that makes no tick."""
+    stray = raw_bytes(1, ltpc(2500.5).SerializeToString() + raw_varint(1, 1))
+    other = "BSE_EQ|INE000X00000"
+    frame = response(
+        LIVE_FEED,
+        entry(other, feed_ltpc(ltpc())),
+        entry(other, stray),
+        entry(RELIANCE, stray),
+    )
+    for known in (KNOWN, frozenset(KNOWN)):
+        assert decode(frame, known) == p.Decoded(
+            ticks=[p.Tick(RELIANCE, 2500.5, LTT)], errors=[p.UNKNOWN_SYMBOL, p.BAD_FRAME]
+        )
+
+
 def test_a_frame_the_runtime_refuses_is_split_into_its_entries(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -469,6 +488,58 @@ def test_a_large_frame_of_garbage_is_one_bad_frame() -> None:
     assert decode(frame) == p.Decoded(errors=[p.BAD_FRAME])
 
 
+def test_a_tick_names_the_subscriptions_own_string() -> None:
+    """With the subscription as a frozenset (as the supervisor passes it), a tick's symbol is
+    the subscription's own string object, not an equal copy: dict lookups find it by identity."""
+    known = frozenset("NSE_EQ|INE002A0101" + digit for digit in "0123456789")
+    own = next(iter(known))
+    frame = response(LIVE_FEED, entry(own, feed_ltpc(ltpc())), entry(own, feed_ltpc(ltpc(2.5))))
+    protocol = UpstoxProtocol()
+    for _ in range(2):  # the first frame builds the lookup, the second uses it
+        out = protocol.decode(frame, known)
+        assert out.ticks == [p.Tick(own, 2500.5, LTT), p.Tick(own, 2.5, LTT)]
+        assert all(tick.symbol is own for tick in out.ticks)
+
+
+def test_a_new_subscription_and_a_changed_set_are_read_afresh() -> None:
+    """A frozenset replaced by another, or a set changed between two frames, decides the next
+    frame's unknown_symbol: nothing is kept of the symbols known before."""
+    frame = response(LIVE_FEED, entry(HDFC, feed_ltpc(ltpc())))
+    protocol = UpstoxProtocol()
+    assert protocol.decode(frame, frozenset({RELIANCE})).errors == [p.UNKNOWN_SYMBOL]
+    assert protocol.decode(frame, frozenset({RELIANCE, HDFC})).errors == []
+    known = {RELIANCE}
+    assert protocol.decode(frame, known).errors == [p.UNKNOWN_SYMBOL]
+    known.add(HDFC)
+    assert protocol.decode(frame, known).ticks == [p.Tick(HDFC, 2500.5, LTT)]
+    known.discard(HDFC)
+    assert protocol.decode(frame, known).errors == [p.UNKNOWN_SYMBOL]
+
+
+@pytest.mark.parametrize("kind", [set, frozenset])
+def test_an_empty_key_is_no_symbol_even_if_known(kind: type) -> None:
+    """An empty key is no instrument key: no_symbol, whatever the subscription holds."""
+    frame = response(LIVE_FEED, entry("", feed_ltpc(ltpc())))
+    assert decode(frame, kind({"", RELIANCE})) == p.Decoded(errors=[p.NO_SYMBOL])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        raw_bytes(3, b"\x01\x02"),  # currentTs as bytes
+        raw_double(3, 1.0),  # currentTs as a double
+        raw_varint(4, 7),  # marketInfo as a varint
+        raw_bytes(4, b"\xff\xff\xff"),  # marketInfo that is not a MarketInfo
+    ],
+    ids=["currentTs-bytes", "currentTs-double", "marketInfo-varint", "marketInfo-garbage"],
+)
+def test_current_ts_and_market_info_are_never_read(extra: bytes) -> None:
+    """currentTs and marketInfo, which tickguard does not read, harm no tick, whatever they
+    carry and however they come (only their framing counts)."""
+    frame = response(LIVE_FEED, entry(RELIANCE, feed_ltpc(ltpc()))) + extra
+    assert decode(frame) == p.Decoded(ticks=[p.Tick(RELIANCE, 2500.5, LTT)])
+
+
 # -- properties --------------------------------------------------------------------
 
 _KEYS = st.sampled_from([RELIANCE, HDFC, NIFTY, "BSE_EQ|INE000X00000", ""])
@@ -480,19 +551,24 @@ _LTTS = st.one_of(st.integers(-(1 << 63), (1 << 63) - 1), st.sampled_from([0, LT
 _SHAPES = st.sampled_from([feed_ltpc, feed_market_ff, feed_index_ff, feed_greeks])
 
 
-@given(st.lists(st.tuples(_KEYS, _PRICES, _LTTS, _SHAPES), max_size=12), st.integers(0, 7))
+@given(
+    st.lists(st.tuples(_KEYS, _PRICES, _LTTS, _SHAPES), max_size=12),
+    st.integers(0, 7),
+    st.sampled_from([set, frozenset]),
+)
 def test_a_well_formed_frame_is_one_add_per_entry_in_wire_order(
-    entries: list[tuple[str, float, int, object]], kind: int
+    entries: list[tuple[str, float, int, object]], kind: int, collection: type
 ) -> None:
     """Any frame the runtime writes decodes as Decoded.add of each entry's key, ltp and ltt
-    (None unless positive), in order: the same ticks and reasons, nothing more."""
+    (None unless positive), in order: the same ticks and reasons, nothing more, whether
+    the symbols known are a set or (as the supervisor passes them) a frozenset."""
     frames = []
     expected = p.Decoded(heartbeat=kind == MARKET_INFO)
     for key, ltp, ltt, shape in entries:
         assert callable(shape)
         frames.append(entry(key, shape(ltpc(ltp, ltt))))
         expected.add(key, ltp, ltt if ltt > 0 else None, KNOWN)
-    assert decode(response(kind, *frames)) == expected
+    assert decode(response(kind, *frames), collection(KNOWN)) == expected
 
 
 @given(st.binary(max_size=300))
