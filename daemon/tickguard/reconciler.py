@@ -12,6 +12,12 @@ the read right before a send has a short timeout and is skipped while the
 endpoint is known to be failing; the exit is then sized from the last view
 that succeeded (or its own quantity when there never was one), and the
 failure is counted.
+
+Reads may overlap (a periodic one, and one before an exit): the view is
+always that of the read that started last among those that succeeded, so an
+exit is sized from a read that started after it was decided, never from an
+older one that happened to answer later. Most positions are unchanged by most
+reads; those are passed over without a verdict.
 """
 
 from __future__ import annotations
@@ -24,9 +30,15 @@ from dataclasses import dataclass
 
 from tickguard.brokers.base import Broker
 from tickguard.config import AccountConfig
-from tickguard.core.account import ExitRule, Holding, exit_size, first_rule, reconcile
+from tickguard.core.account import (
+    ExitRule,
+    Holding,
+    exit_size,
+    first_rule,
+    reconcile,
+    to_judge,
+)
 from tickguard.core.exits import Exit
-from tickguard.core.positions import PositionState
 from tickguard.errors import BrokerError, PositionExists
 from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
@@ -71,6 +83,8 @@ class Reconciler:
         self.last_error = ""
         self._due = asyncio.Event()
         self._lock = asyncio.Lock()  # one read-and-apply at a time
+        self._reads = 0  # reads started
+        self._viewed = 0  # the read (its number in `_reads`) that `view` comes from
         # Test seam: awaited between reading the account and acting on it (the crash test).
         self.after_read: Callable[[list[Holding]], Awaitable[None]] | None = None
         # Extends the live subscription to imported symbols (the feed supervisor's).
@@ -92,7 +106,12 @@ class Reconciler:
                 pass
 
     async def reconcile(self, timeout: float) -> bool:
-        """Read the account and act on it; True when it was read. Never raises BrokerError."""
+        """Read the account and act on it; True when it was read. Never raises BrokerError.
+
+        A read that answers after one started later was acted on is not acted on: the
+        account it saw is older than the view already."""
+        self._reads += 1
+        read = self._reads
         try:
             async with asyncio.timeout(timeout):
                 holdings = await self.broker.positions()
@@ -110,21 +129,22 @@ class Reconciler:
                 log.info("[ACCOUNT] the broker's positions are available again")
             self.last_error = ""
             wall = self._wall()
+            self.metrics.reconcile_last_success.set(wall)
+            if read < self._viewed:
+                return True  # a read started after this one was acted on already
+            self._viewed = read
             self.view = AccountView({h.symbol: h for h in holdings if h.quantity}, wall)
             imported = self._apply(self.view, wall)
-            self.metrics.reconcile_last_success.set(wall)
-            self.metrics.unguarded_positions.set(len(self.unguarded()))
+            self.metrics.unguarded_positions.set(self._unguarded_count())
         if imported and self.subscribe is not None:
             await self.subscribe()  # an imported symbol needs live prices like any other
         return True
 
     def _apply(self, view: AccountView, wall: float) -> int:
         """Act on the view; the number of positions imported."""
-        guard = self.guard_loop.guard
-        for position in guard.positions():
-            if position.state is not PositionState.OPEN:
-                continue  # an exit is in flight: its own pre-send check sizes it
-            holding = view.holdings.get(position.symbol)
+        holdings = view.holdings
+        for position in to_judge(self.guard_loop.guard.positions(), holdings):
+            holding = holdings.get(position.symbol)
             verdict = reconcile(
                 position,
                 holding,
@@ -157,7 +177,11 @@ class Reconciler:
 
     async def exit_quantity(self, exit: Exit) -> float:
         """How much `exit` may trade now: read the account (briefly), then at most what it
-        holds on the position's side. The executor's `sizer`."""
+        holds on the position's side. The executor's `sizer`.
+
+        The view it sizes from comes from this read, or from one started after it; only
+        when this read fails (or is skipped, the endpoint known to be failing) from the last
+        view that succeeded."""
         if not self.last_error:  # a failing endpoint is not waited for
             await self.reconcile(PRESEND_TIMEOUT)
         position = self.guard_loop.guard.position(exit.symbol)
@@ -184,6 +208,11 @@ class Reconciler:
             last_error=self.last_error,
             unguarded=tuple(self.unguarded()),
         )
+
+    def _unguarded_count(self) -> int:
+        if self.view is None:
+            return 0
+        return len(self.view.holdings.keys() - set(self.guard_loop.guard.symbols()))
 
     def unguarded(self) -> list[Holding]:
         """Open broker positions that no guarded position covers (docs/account.md: reported)."""

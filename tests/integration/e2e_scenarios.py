@@ -1409,38 +1409,29 @@ async def broker_main(layout: Layout) -> None:
     fakes = _broker_fakes()
 
     class Recording(fakes.FakeUpstox):  # type: ignore[name-defined,misc]
-        """Stamps each place-order's arrival. Answers positions in the fake's own shape, each
-        entry's JSON kept until a fill changes that line: the answer for 1,000 positions is
-        joined, not rebuilt, on every read (the fake's cost stays out of the latency)."""
+        """Stamps each place-order's arrival, with the arrival of the last positions read
+        before it. The fake keeps its positions answer encoded while its ledger is unchanged;
+        here an order's fill (one entry changed) has it encoded again right after the order
+        is answered, not when the next exit's read asks for it: the fake's own cost stays
+        out of the latency."""
 
         def __init__(self) -> None:
             super().__init__()
             self.placed: list[dict[str, Any]] = []
-            self._entries: dict[tuple[str, str], bytes] = {}
-
-        async def _place(self, request: web.Request) -> web.StreamResponse:
-            arrived = time.monotonic()
-            body = await request.json()
-            reads = [t for (_, path), t in zip(self.requests, self.arrivals, strict=True)
-                     if path.startswith(fakes.POSITIONS_PATH) and t <= arrived]  # fmt: skip
-            self.placed.append({"symbol": body.get("instrument_token"), "t": arrived,
-                                "account_read": reads[-1] if reads else None})  # fmt: skip
-            return await super()._place(request)  # type: ignore[no-any-return]
-
-        def trade(self, key: str, transaction: str, quantity: int, price: float,
-                  product: str) -> None:  # fmt: skip
-            self._entries.pop((key, product), None)
-            super().trade(key, transaction, quantity, price, product)
+            self.reads: list[float] = []  # arrival of every positions read
 
         async def _positions(self, request: web.Request) -> web.StreamResponse:
-            entries = []
-            for line in self.ledger:
-                entry = self._entries.get(line)
-                if entry is None:
-                    entry = self._entries[line] = json.dumps(self.position_entry(*line)).encode()
-                entries.append(entry)
-            body = b'{"status": "success", "data": [' + b", ".join(entries) + b"]}"
-            return web.Response(body=body, content_type="application/json")
+            self.reads.append(self.arrivals[-1])  # stamped by the fake as the request came
+            return await super()._positions(request)  # type: ignore[no-any-return]
+
+        async def _place(self, request: web.Request) -> web.StreamResponse:
+            arrived = self.arrivals[-1]
+            body = await request.json()
+            self.placed.append({"symbol": body.get("instrument_token"), "t": arrived,
+                                "account_read": self.reads[-1] if self.reads else None})  # fmt: skip
+            answer = await super()._place(request)
+            asyncio.get_running_loop().call_soon(self._ledger_answer)  # once answered
+            return answer  # type: ignore[no-any-return]
 
     fake = Recording()
     for symbol in layout.guarded + layout.markers:
@@ -1449,9 +1440,7 @@ async def broker_main(layout: Layout) -> None:
     emit(event="listening", port=fake.port)
     async for command in commands():
         if command["cmd"] == "orders":
-            reads = [t for (_, path), t in zip(fake.requests, fake.arrivals, strict=True)
-                     if path.startswith(fakes.POSITIONS_PATH)]  # fmt: skip
-            emit(event="orders", orders=fake.placed, account_reads=reads)
+            emit(event="orders", orders=fake.placed, account_reads=fake.reads)
     await fake.close()
 
 

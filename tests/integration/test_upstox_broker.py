@@ -5,7 +5,10 @@ the HFT host, order details and history on the API host, bearer-token auth,
 Upstox error bodies, and a scriptable behaviour per place request. It also
 keeps an account ledger served as `GET /v2/portfolio/short-term-positions`:
 its own fills change it, and a test sets it directly (`set_position`, `trade`)
-to play a bot or a person trading outside tickguard.
+to play a bot or a person trading outside tickguard. The positions answer is
+encoded once per change of the ledger (each entry once per change of its
+line), so that a benchmark measures tickguard's read of 1,000 positions, not
+the fake's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -139,11 +143,21 @@ class FakeUpstox:
         self.place_headers: list[dict[str, str]] = []
         self.orders: dict[str, FakeOrder] = {}
         self.release = asyncio.Event()  # ends hung replies
-        self.ledger: dict[tuple[str, str], LedgerLine] = {}  # (instrument key, product) -> line
+        # (instrument key, product) -> line; changed through set_position and trade only (the
+        # positions answer is kept encoded until they change it)
+        self.ledger: dict[tuple[str, str], LedgerLine] = {}
         self.last_price = 94.0
         self.positions_behaviour = PositionsBehaviour.ANSWER
         self.extra_entries: list[Any] = []  # raw JSON values appended to the positions data
         self.positions_override: Handler | None = None  # answers positions requests instead
+        # The positions answer as sent, kept until set_position or trade changes the ledger
+        # (or last_price changes): each ledger line's entry, in the ledger's order (lines
+        # are added, never removed), and the whole answer.
+        self._entries: list[bytes] = []
+        self._entry_of: dict[tuple[str, str], int] = {}  # ledger line -> its entry's index
+        self._stale: set[tuple[str, str]] = set()  # lines whose entry is to be encoded again
+        self._answer: bytes | None = None
+        self._encoded_price = self.last_price
         self._ids = itertools.count(250101000000001)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -271,11 +285,47 @@ class FakeUpstox:
         if behaviour is PositionsBehaviour.ECHO:
             said = f"Bad header {request.headers.get('Authorization')}"
             return web.json_response(error_body({"errorCode": "UDAPI100500", "message": said}))
-        data = [self.position_entry(key, product) for key, product in self.ledger]
-        if behaviour is PositionsBehaviour.MALFORMED:
-            bad = self.position_entry(SYMBOL, "I", LedgerLine(overnight_quantity=5))
-            data.append(dict(bad, quantity="5"))
-        return web.json_response({"status": "success", "data": data + self.extra_entries})
+        if behaviour is PositionsBehaviour.ANSWER and not self.extra_entries:
+            body = self._ledger_answer()
+        else:
+            data = [self._entries_json()]
+            if behaviour is PositionsBehaviour.MALFORMED:
+                bad = self.position_entry(SYMBOL, "I", LedgerLine(overnight_quantity=5))
+                data.append(json.dumps(dict(bad, quantity="5")).encode())
+            data += [json.dumps(entry).encode() for entry in self.extra_entries]
+            body = _answer(b", ".join(d for d in data if d))
+        # What web.json_response({"status": "success", "data": [...]}) sends, byte for byte.
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    def _ledger_answer(self) -> bytes:
+        """The answer for the ledger alone, encoded once per change."""
+        self._forget_if_repriced()
+        if self._answer is None:
+            self._answer = _answer(self._entries_json())
+        return self._answer
+
+    def _forget_if_repriced(self) -> None:
+        if self._encoded_price != self.last_price:  # every entry's pnl and last_price move
+            self._stale.update(self.ledger)
+            self._answer = None
+            self._encoded_price = self.last_price
+
+    def _entries_json(self) -> bytes:
+        """The ledger's entries as json.dumps writes them in a list, without the brackets."""
+        self._forget_if_repriced()
+        entries, entry_of = self._entries, self._entry_of
+        for line in itertools.islice(self.ledger, len(entries), None):  # added since
+            entry_of[line] = len(entries)
+            entries.append(b"")
+            self._stale.add(line)
+        for line in self._stale:
+            entries[entry_of[line]] = json.dumps(self.position_entry(*line)).encode()
+        self._stale.clear()
+        return b", ".join(entries)
+
+    def _changed(self, key: str, product: str) -> None:
+        self._stale.add((key, product))
+        self._answer = None
 
     def position_entry(
         self, key: str, product: str, line: LedgerLine | None = None
@@ -334,6 +384,7 @@ class FakeUpstox:
     ) -> None:
         """The account holds `quantity` (signed) of `key` in `product`, carried at
         `average_price`: what a bot's entry or a person's trade left; the day's trades reset."""
+        self._changed(key, product)
         self.ledger[(key, product)] = LedgerLine(
             overnight_quantity=quantity,
             overnight_price=average_price or 0.0,
@@ -343,6 +394,7 @@ class FakeUpstox:
     def trade(self, key: str, transaction: str, quantity: int, price: float, product: str) -> None:
         """A fill on the account (ours or anyone's), by average-cost rules: adding averages in,
         reducing keeps the average, crossing zero starts the new side at `price`."""
+        self._changed(key, product)
         line = self.ledger.setdefault((key, product), LedgerLine())
         before = line.quantity
         if transaction == "BUY":
@@ -412,6 +464,11 @@ class FakeUpstox:
 
     def place_count(self) -> int:
         return sum(1 for method, path in self.requests if path == "/v3/order/place")
+
+
+def _answer(entries: bytes) -> bytes:
+    """A positions answer around its entries' JSON, as json.dumps writes it."""
+    return b'{"status": "success", "data": [' + entries + b"]}"
 
 
 def _price(value: float, quantity: int) -> float:
@@ -1000,3 +1057,37 @@ async def test_an_empty_account_is_no_holdings(rig: Rig) -> None:
     """`data: []` is an account with no positions: an empty list, not a failure."""
     assert await positions_of(rig.broker()) == []
     assert rig.fake.requests == [("GET", POSITIONS_PATH)]
+
+
+async def test_the_kept_answer_is_the_documented_json_byte_for_byte(rig: Rig) -> None:
+    """The fake's positions answer, kept encoded between changes of its ledger, is byte for
+    byte what `web.json_response` makes of the ledger, after each kind of change."""
+    fake = rig.fake
+
+    async def served() -> tuple[bytes, str]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with rig.session.get(fake.url + POSITIONS_PATH, headers=headers) as response:
+            return await response.read(), response.headers["Content-Type"]
+
+    def documented() -> bytes:
+        data = [fake.position_entry(key, product) for key, product in fake.ledger]
+        body = web.json_response({"status": "success", "data": data + fake.extra_entries}).body
+        assert isinstance(body, bytes)
+        return body
+
+    changes: list[Callable[[], None]] = [
+        lambda: None,
+        lambda: fake.set_position(SYMBOL, 10, 100.5),
+        lambda: fake.set_position(OTHER, -3, None, "D"),
+        lambda: fake.trade(SYMBOL, "SELL", 4, 99.0, "I"),
+        lambda: fake.trade(THIRD, "BUY", 2, 50.0, "MTF"),  # a new line
+        lambda: fake.set_position(SYMBOL, 7, 101.0),  # an old line set again
+        lambda: setattr(fake, "last_price", 95.5),
+        lambda: fake.extra_entries.append({"odd": float("nan")}),
+    ]
+    for change in changes:
+        change()
+        for _ in range(2):  # encoded, then kept
+            body, content_type = await served()
+            assert body == documented()
+            assert content_type == "application/json; charset=utf-8"

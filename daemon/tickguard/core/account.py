@@ -8,9 +8,10 @@ order from tickguard ever takes a net position through zero.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tickguard.core.positions import Position, PositionSpec, Side
+from tickguard.core.positions import Position, PositionSpec, PositionState, Side
 from tickguard.core.untrusted import amount
 
 
@@ -132,6 +133,32 @@ def reconcile(
     return Reconciled(Verdict.HELD, held)
 
 
+# Read once: an enum member read through its class costs a metaclass lookup (Python 3.11),
+# and `to_judge` reads them once per guarded position at every read of the account.
+_OPEN = PositionState.OPEN
+_LONG = Side.LONG
+
+
+def to_judge(positions: Iterable[Position], holdings: Mapping[str, Holding]) -> list[Position]:
+    """The open positions that a read of `holdings` may change: every open one but those
+    the broker was shown to hold before and holds exactly as guarded now, which most
+    positions are at most reads (`reconcile` would find them HELD, and a confirmed
+    position found HELD is left as it is)."""
+    judged = []
+    get = holdings.get
+    for position in positions:
+        if position.state is not _OPEN:
+            continue  # an exit is in flight: its own pre-send check sizes it
+        spec = position.spec
+        holding = get(spec.symbol)
+        if position.confirmed and holding is not None:
+            held = holding.quantity if spec.side is _LONG else -holding.quantity
+            if 0 < held == spec.quantity:
+                continue
+        judged.append(position)
+    return judged
+
+
 def first_rule(rules: tuple[ExitRule, ...], symbol: str) -> ExitRule | None:
     return next((r for r in rules if r.matches(symbol)), None)
 
@@ -172,4 +199,5 @@ __all__ = [
     "held_on_side",
     "reconcile",
     "signed_quantity",
+    "to_judge",
 ]

@@ -9,13 +9,16 @@ from hypothesis import strategies as st
 from tickguard.core.account import (
     ExitRule,
     Holding,
+    Verdict,
     apply_trade,
     exit_size,
     first_rule,
     held_on_side,
+    reconcile,
     signed_quantity,
+    to_judge,
 )
-from tickguard.core.positions import Position, PositionSpec, Side
+from tickguard.core.positions import Position, PositionSpec, PositionState, Side
 
 trades = st.lists(
     st.tuples(
@@ -87,3 +90,42 @@ def test_an_exit_never_takes_the_account_through_zero() -> None:
     assert signed_quantity(short) == -10
     assert held_on_side(Side.SHORT, Holding("A", -6, 1.0)) == 6
     assert exit_size(short, Holding("A", 6, 1.0), known=True) == 0
+
+
+positions = st.lists(
+    st.builds(
+        lambda i, side, quantity, state, confirmed: Position(
+            i, PositionSpec(f"S{i % 4}", side, quantity, 100.0), state, confirmed=confirmed
+        ),
+        st.integers(0, 7),
+        st.sampled_from(Side),
+        st.sampled_from([1.0, 5.0, 10.0, 2.5]),
+        st.sampled_from(PositionState),
+        st.booleans(),
+    ),
+    max_size=8,
+)
+holdings = st.dictionaries(
+    st.sampled_from([f"S{i}" for i in range(5)]),
+    st.sampled_from([-10.0, -5.0, -1.0, 0.0, 1.0, 2.5, 5.0, 10.0, 12.0]),
+    max_size=5,
+).map(lambda held: {s: Holding(s, q, 100.0) for s, q in held.items()})
+
+
+@given(positions, holdings)
+def test_a_read_judges_every_position_it_may_change(
+    guarded: list[Position], held: dict[str, Holding]
+) -> None:
+    """`to_judge` passes over exactly the positions a read leaves as they are: open,
+    confirmed and held as guarded (HELD); it keeps every other open one, in order."""
+    expected = [
+        p
+        for p in guarded
+        if p.state is PositionState.OPEN
+        and not (
+            p.confirmed
+            and reconcile(p, held.get(p.symbol), age=0.0, confirm_within=60.0).verdict
+            is Verdict.HELD
+        )
+    ]
+    assert to_judge(guarded, held) == expected
