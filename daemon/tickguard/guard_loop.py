@@ -25,6 +25,7 @@ from tickguard.core.positions import ExitReason, Position, PositionSpec, Positio
 from tickguard.core.prices import Freshness, PriceSource, Quote
 from tickguard.errors import StoreError
 from tickguard.executor import ExitExecutor, recover
+from tickguard.log_limit import Burst
 from tickguard.metrics import Metrics
 from tickguard.status import AccountStatus, DnsStatus, FeedStatus, PollStatus, Snapshot
 from tickguard.store import Store
@@ -32,6 +33,8 @@ from tickguard.store import Store
 log = logging.getLogger(__name__)
 
 REPEAT_EVERY = 30.0  # a lasting condition is logged again at most this often per symbol
+FALLBACK_LINES = 50  # [FALLBACK] lines naming a symbol per sweep; the rest are summed up
+LIVE_AGAIN = "live"  # the kind of a "live price again" line, in a sweep's Burst
 TRAIL_SAVE_EVERY = 1.0  # changed trailing anchors reach the store at least this often
 
 
@@ -265,8 +268,7 @@ class GuardLoop:
         market_open = self._market_at(wall)
         self.metrics.market_open.set(1 if market_open else 0)
         self._handle(self.guard.sweep(now, wall, market_open))
-        for symbol in self.guard.symbols():
-            self._log_fallback(self.guard.quote(symbol, now), now)
+        self._log_fallbacks(now)
         self._save_anchors(now)
         self._gauges()
         self.sweeps += 1
@@ -368,20 +370,50 @@ class GuardLoop:
         else:
             log.info("[BLIND] %s: usable price again", event.symbol)
 
-    def _log_fallback(self, quote: Quote, now: float) -> None:
-        symbol = quote.symbol
-        if quote.price is not None and quote.usable and quote.source is not PriceSource.LIVE:
-            kind = "stale" if quote.freshness is Freshness.STALE else quote.source.value
-            if self._fallback_log.due(symbol, kind, now):
+    def _log_fallbacks(self, now: float) -> None:
+        """The sweep's `[FALLBACK]` lines: per guarded symbol, a price used that is not live
+        (at the start, on a change of kind, every REPEAT_EVERY) and the live price again.
+
+        At most FALLBACK_LINES of them per sweep name their symbol; the others are
+        counted, and one summary line per kind, with the same prefix, says how many
+        more symbols (each is in `tickguard status` and the connection-health
+        document). A socket drop with 1,000 guarded positions wrote 1,000 lines in
+        one sweep, on the event loop, while a stop might be waiting to be judged.
+        Moving the writes to a QueueHandler thread was the other candidate:
+        measured (benchmarks/fallback_burst.py), that sweep took 35 ms with direct
+        writes and 53 ms with the queue (its thread takes the GIL for every record
+        it formats), against 12 ms with no line at all; the cap keeps it within a few
+        ms of that, and the journal gets 51 lines instead of 1,000 (a user with at
+        most 50 positions still sees every symbol named).
+        """
+        burst = Burst(FALLBACK_LINES)
+        for symbol in self.guard.symbols():
+            quote = self.guard.quote(symbol, now)
+            if quote.price is not None and quote.usable and quote.source is not PriceSource.LIVE:
+                kind = "stale" if quote.freshness is Freshness.STALE else quote.source.value
+                if self._fallback_log.due(symbol, kind, now) and burst.take(kind):
+                    log.warning(
+                        "[FALLBACK] Using %s price for %s: %.2f (%.0fs old)",
+                        kind,
+                        symbol,
+                        quote.price.value,
+                        quote.age,
+                    )
+            elif (
+                self._fallback_log.end(symbol)
+                and quote.source is PriceSource.LIVE
+                and burst.take(LIVE_AGAIN)
+            ):
+                log.info("[FALLBACK] %s: live price again", symbol)
+        for kind, more in burst.more.items():
+            if kind == LIVE_AGAIN:
+                log.info("[FALLBACK] %d more symbols: live price again", more)
+            else:
                 log.warning(
-                    "[FALLBACK] Using %s price for %s: %.2f (%.0fs old)",
+                    "[FALLBACK] Using %s price for %d more symbols (see tickguard status)",
                     kind,
-                    symbol,
-                    quote.price.value,
-                    quote.age,
+                    more,
                 )
-        elif self._fallback_log.end(symbol) and quote.source is PriceSource.LIVE:
-            log.info("[FALLBACK] %s: live price again", symbol)
 
     # -- exits settling (the executor's listener) -----------------------
 

@@ -1,4 +1,5 @@
-"""A rate limit for log lines that someone outside can cause (docs/logs.md).
+"""Bounds on log lines (docs/logs.md): a rate limit for lines that someone outside can
+cause, and a cap on the lines one burst of events writes.
 
 journald drops a service's lines once it writes more than its burst per
 interval, whatever they say: a flood of bad requests would take `[SL]` and
@@ -11,6 +12,11 @@ back on the next record of that kind it lets through:
 
 The message template, not the formatted message, is the kind: one line per
 interval covers every peer and every value.
+
+A `Burst` caps the lines that name their subject in one burst of our own
+events, such as a sweep in which the socket's drop turns every guarded
+symbol's price into cache: the first `limit` are written, the rest are counted
+by kind for one summary line each.
 """
 
 from __future__ import annotations
@@ -78,3 +84,25 @@ def _append(record: logging.LogRecord, note: str) -> None:
     """Add `(note)` to the record's message (formatted now: the note holds no %-fields)."""
     record.msg = f"{record.getMessage()} ({note})"
     record.args = None
+
+
+class Burst:
+    """At most `limit` lines of one burst name their subject; the rest are counted per kind.
+
+    Used once per burst: `take(kind)` says whether the line is written, and
+    `more` holds, per kind, how many were not (for one summary line each).
+    """
+
+    __slots__ = ("left", "more")
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.more: dict[str, int] = {}
+
+    def take(self, kind: str) -> bool:
+        """True: write this line. False: it is counted in `more[kind]` instead."""
+        if self.left > 0:
+            self.left -= 1
+            return True
+        self.more[kind] = self.more.get(kind, 0) + 1
+        return False

@@ -14,11 +14,13 @@ import logging
 import ssl
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trustme
+from aiohttp import web
 from websockets.asyncio.server import ServerConnection
 
 from tickguard.config import ReconnectConfig
@@ -520,6 +522,58 @@ async def test_poll_runs_while_the_socket_is_down_and_stops_when_live_data_is_ba
         assert f.since(mark, POLL) == []
         assert f.metric("tickguard_ticks_total", source="poll") == polls
         assert f.metric("tickguard_fallback_active") == 0
+
+
+async def test_a_drop_while_the_poll_waits_out_its_interval_is_polled_at_once(
+    feed_server: FeedServerFactory,
+    poll_server: Callable[..., Awaitable[str]],
+    feed: FeedFactory,
+    eventually: Eventually,
+) -> None:
+    """A socket drop while the poll waits out its interval (an hour here) is polled at once, and the poll then keeps its interval while the outage lasts."""
+    polls: list[float] = []
+    dropped = asyncio.Event()
+
+    async def prices(request: web.Request) -> web.Response:
+        polls.append(time.monotonic())
+        symbols = request.query.get("symbols", "").split(",")
+        return web.json_response({"prices": {s: {"price": 100.0} for s in symbols if s}})
+
+    async def script(
+        server: FeedServer, ws: ServerConnection, index: int, symbols: list[str]
+    ) -> None:
+        if index > 0:  # subscribed, then closed: no live price, the outage lasts
+            await ws.close()
+            return
+        ticking = asyncio.create_task(server.stream_ticks(ws, index, symbols))
+        try:
+            await dropped.wait()
+        finally:
+            ticking.cancel()
+        ws.transport.abort()
+
+    async with asyncio.timeout(TEST_TIMEOUT):
+        url = await poll_server(prices)
+        server = await feed_server(script)
+        f = await feed(
+            server.url(), config={"feed": {"fallback_url": url, "poll_interval": 3600.0}}, poll=True
+        )
+        # The start-up poll went out before or while live prices arrived: the poll now
+        # waits out its hour (or, fixed, waits for the fallback to start again).
+        await eventually(
+            lambda: f.symbols_since(0, LIVE) >= SUBSCRIBED and not f.supervisor.fallback_active,
+            what="live prices",
+        )
+        before = len(polls)
+        mark = f.mark()
+        dropped.set()
+        await eventually(lambda: len(polls) > before, 10.0, what="a poll after the drop")
+        await eventually(lambda: f.symbols_since(mark, POLL) >= SUBSCRIBED, what="polled prices")
+        # Reconnects that bring no live price end nothing: no poll before the hour is over.
+        await eventually(lambda: len(f.failures) >= 4, 10.0, what="three more reconnects")
+        assert f.supervisor.fallback_active
+        assert len(polls) == before + 1
+        f.assert_running()
 
 
 @pytest.mark.parametrize("status", [401, 403])

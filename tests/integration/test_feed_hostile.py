@@ -1,4 +1,5 @@
-"""The feed against servers that stop reading their socket: write deadlines and a cap on unsent bytes.
+"""The feed against servers that stop reading their socket or flood it with pings: write
+deadlines, a cap on unsent bytes and one on the server's pings.
 
 The hostile servers are raw TCP sockets on loopback port 0 (a small SO_RCVBUF,
 so their kernel holds little for them) that complete the WebSocket handshake by
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tickguard.core.prices import PriceSource
-from tickguard.feed.supervisor import MAX_UNSENT_BYTES, WRITE_LIMIT
+from tickguard.feed import supervisor
+from tickguard.feed.supervisor import MAX_PINGS_PER_SECOND, MAX_UNSENT_BYTES, WRITE_LIMIT
 
 if TYPE_CHECKING:
     from conftest import Eventually, FeedFactory, FeedServerFactory
@@ -45,6 +47,9 @@ READ_CHUNK = 256 * 1024  # asyncio's socket transports read at most this much pe
 # The pongs the client library writes for what one read brings in, unchecked until the read is done.
 ONE_READ_OF_PONGS = READ_CHUNK // len(PING) * PONG_BYTES
 FLOOD_CHUNK = PING * (65536 // len(PING))
+EMPTY_PING = bytes([0x89, 0])  # FIN + ping, no payload: the most pings per byte
+EMPTY_PONG_BYTES = 2 + 4  # our answer: header and mask key
+EMPTY_FLOOD_CHUNK = EMPTY_PING * (65536 // len(EMPTY_PING))
 FLOOD_CHUNKS = 512  # 32 MiB of pings at most: bounds what a feed without the cap could swallow
 MAX_CONNECTIONS = 20  # accepted per server
 MAX_READS = 100_000  # per socket, in the handshake reader and the splice
@@ -217,16 +222,93 @@ async def flood(server: HostileServer, conn: socket.socket) -> None:
         await loop.sock_sendall(conn, FLOOD_CHUNK)
 
 
+@pytest.fixture
+def no_ping_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_PINGS_PER_SECOND out of the way: a ping flood then reaches the bounds behind it."""
+    monkeypatch.setattr(supervisor, "MAX_PINGS_PER_SECOND", 1 << 40)
+
+
 # ---------------------------------------------------------------------------
 
 
+async def test_a_flood_of_empty_pings_is_failed_as_protocol_within_the_ping_bound(
+    feed_server: FeedServerFactory,
+    hostile_server: HostileServerFactory,
+    feed: FeedFactory,
+    eventually: Eventually,
+) -> None:
+    """A server that floods empty pings and reads our pongs (so no unsent bytes pile up) is failed as `protocol` after MAX_PINGS_PER_SECOND pongs, not left to stall the event loop, and the feed reconnects."""
+    loop = asyncio.get_running_loop()
+    drained = 0  # bytes the server read back from us: our pongs
+    longest = 0.0  # the event loop's longest turn while the flood lasts (printed, not judged)
+
+    async def flood_and_read(server: HostileServer, conn: socket.socket) -> None:
+        async def drain() -> None:
+            nonlocal drained
+            for _ in range(MAX_READS):
+                data = await loop.sock_recv(conn, 65536)
+                if not data:
+                    return
+                drained += len(data)
+
+        reader = asyncio.ensure_future(drain())
+        try:
+            for _ in range(FLOOD_CHUNKS):
+                await loop.sock_sendall(conn, EMPTY_FLOOD_CHUNK)
+        finally:
+            reader.cancel()
+
+    async def probe() -> None:
+        nonlocal longest
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            longest = max(longest, loop.time() - before - 0.005)
+
+    async with asyncio.timeout(TEST_TIMEOUT):
+        healthy = await feed_server()
+        server = await hostile_server(flood_and_read, healthy.port)
+        f = await feed(
+            server.url,
+            # Nothing but the ping bound may end this connection in time.
+            config={"feed": {"ping_interval": 10.0, "silence_timeout": 30.0}},
+        )
+        await server.subscribed.wait()
+        probing = asyncio.ensure_future(probe())
+        try:
+            await eventually(lambda: f.failures, 15.0, what="the flood noticed")
+        finally:
+            probing.cancel()
+        mark = f.mark()
+        await eventually(
+            lambda: f.symbols_since(mark, LIVE) >= SUBSCRIBED, what="ticks from a healthy server"
+        )
+
+        failure = f.failures[0]
+        pongs = drained // EMPTY_PONG_BYTES
+        print(
+            f"\nempty-ping flood: {failure.kind} ({failure.detail}) after {pongs} pongs;"
+            f" the event loop's longest turn meanwhile {longest * 1000:.1f} ms"
+        )
+        assert failure.kind == "protocol"
+        assert f"more than {MAX_PINGS_PER_SECOND} pings" in failure.detail
+        # Counted per second: a flood straddling a window's end gets at most two windows' worth
+        # (none at all when the first read held more than the bound: the abort drops them).
+        assert pongs <= 2 * MAX_PINGS_PER_SECOND
+        assert f.metric("tickguard_websocket_network_errors_total", kind="protocol") == 1
+        assert f.supervisor.connected
+        assert server.connections == 2
+        f.assert_running()
+
+
+@pytest.mark.usefixtures("no_ping_limit")
 async def test_ping_flood_without_reading_is_capped_aborted_and_reconnected(
     feed_server: FeedServerFactory,
     hostile_server: HostileServerFactory,
     feed: FeedFactory,
     eventually: Eventually,
 ) -> None:
-    """A server that floods pings and never reads is aborted as `protocol` once our unsent pongs pass MAX_UNSENT_BYTES, long before any keepalive ping is due, and the feed reconnects."""
+    """A server that floods pings and never reads is aborted as `protocol` once our unsent pongs pass MAX_UNSENT_BYTES (the ping bound out of the way), long before any keepalive ping is due, and the feed reconnects."""
     ping_interval = 10.0  # no keepalive ping before the cap must have acted
     async with asyncio.timeout(TEST_TIMEOUT):
         healthy = await feed_server()
@@ -278,6 +360,7 @@ async def test_ping_flood_without_reading_is_capped_aborted_and_reconnected(
         f.assert_running()
 
 
+@pytest.mark.usefixtures("no_ping_limit")  # its pings back our pongs up, past WRITE_LIMIT
 async def test_server_that_stops_reading_is_caught_by_the_ping_deadline(
     feed_server: FeedServerFactory,
     hostile_server: HostileServerFactory,

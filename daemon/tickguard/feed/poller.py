@@ -1,13 +1,15 @@
 """The REST fallback poll: prices while the socket is down or silent.
 
-Runs only while the supervisor's fallback is active, every poll_interval,
-for the subscribed symbols. Its prices are tagged `poll`. A 429 is
-respected: the next request waits for Retry-After (seconds or an HTTP date).
+Runs only while the supervisor's fallback is active: at once when it
+starts, then every poll_interval, for the subscribed symbols. Its prices are
+tagged `poll`. A 429 is respected: the next request waits for Retry-After
+(seconds or an HTTP date).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import math
@@ -74,11 +76,23 @@ class FallbackPoller:
         )
 
     async def run(self) -> None:
+        """Poll while the fallback is active: at once when it starts, then every interval.
+
+        The supervisor sets `fallback_changed` whenever the fallback starts or
+        ends. The poll clears it before each look at `fallback_active` and, between
+        polls, waits on it rather than sleeping: a fallback that ends stops the
+        poll at once, and one that starts again while the poll waits out its
+        interval (the socket dropped soon after live prices came back) is polled
+        at once, not when the interval is over. Only a 429's Retry-After holds a
+        poll back across such a change.
+        """
+        changed = self._supervisor.fallback_changed
+        not_before = -math.inf  # monotonic: no request before it (a 429's Retry-After)
         while True:
+            changed.clear()
             if not self._supervisor.fallback_active:
                 self._stop()
-                self._supervisor.fallback_changed.clear()
-                await self._supervisor.fallback_changed.wait()
+                await changed.wait()
                 continue
             if not self.polling:
                 self.polling = True
@@ -92,18 +106,30 @@ class FallbackPoller:
                     log.info("[FALLBACK] polling %s every %gs", self._host, self.interval)
                 self._outage = not self._supervisor.starting
             started = self._mono()
-            delay = self.interval
+            if started < not_before:
+                await self._pause(not_before - started)
+                continue
+            next_poll = started + self.interval
             try:
                 await self._poll_once()
             except RateLimited as exc:
                 # Retry-After counts from the answer, not from when we asked.
-                started, delay = self._mono(), max(delay, exc.retry_after)
+                delay = max(self.interval, exc.retry_after)
+                next_poll = not_before = self._mono() + delay
                 self._failed(f"rate limited (HTTP 429), next poll in {delay:g}s")
             except TimeoutError:
                 self._failed(f"no answer within {max(1.0, self.interval):g}s")
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 self._failed(str(exc) or exc.__class__.__name__)
-            await asyncio.sleep(max(0.0, delay - (self._mono() - started)))
+            await self._pause(next_poll - self._mono())
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less: until the fallback starts or ends (at once if it did already)."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._supervisor.fallback_changed.wait()
 
     def _stop(self) -> None:
         if self.polling:

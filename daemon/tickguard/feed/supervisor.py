@@ -12,6 +12,8 @@ address, and a connection is declared dead two ways:
 Writes have deadlines too, for a server that stops reading its socket: each
 frame we send (subscribe frames, our pings) must leave within ping_timeout, and
 the bytes the library writes by itself (pongs) are capped by FeedConnection.
+So is the rate of the server's pings: each costs the library a parse and a
+pong on the event loop.
 
 Either way the socket is aborted and the REST fallback takes over until a
 live price arrives again (a reconnect alone does not end the fallback).
@@ -22,14 +24,24 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.client import ClientProtocol
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+    ProtocolError,
+)
+from websockets.frames import Frame, Opcode
 
 from tickguard import __version__
 from tickguard.config import FeedConfig
@@ -59,6 +71,12 @@ WRITE_LIMIT = 1 << 15
 # pings and never reads grew this buffer by tens of MB a second, for as long
 # as it liked.
 MAX_UNSENT_BYTES = 1 << 20
+# Pings from the server per second past which the connection fails as `protocol`.
+# The library parses each ping and answers it with a pong on the event loop,
+# about 6 us apiece: a server flooding empty pings (2 bytes each) made one
+# 256 KiB read cost 0.8 s of the loop, and one that also read our pongs never
+# reached MAX_UNSENT_BYTES at all. Servers ping every few seconds.
+MAX_PINGS_PER_SECOND = 100
 
 
 class FeedState(enum.Enum):
@@ -79,7 +97,8 @@ class Failure:
 
 
 class FeedConnection(ClientConnection):
-    """A client connection with a cap on its unsent bytes, that keeps why we aborted it.
+    """A client connection with caps on its unsent bytes and on the server's pings, that keeps
+    why we aborted it.
 
     The cap is checked in data_received, after the library's own: what the
     library writes unasked (pongs, the answer to a close frame) it writes there,
@@ -90,9 +109,41 @@ class FeedConnection(ClientConnection):
     A timer armed by pause_writing was the other candidate: it would time what
     the keepalive already times (no ping of ours leaves, or is answered, while
     the server does not read), and memory would still grow until it fired.
+
+    The server's pings are counted where the library answers them, one pong
+    each (the protocol's send_frame, which the parser calls for every ping as
+    it parses the read), so a flood is stopped inside the read that brings it:
+    past MAX_PINGS_PER_SECOND the connection is aborted and the rest of the
+    read is discarded unparsed. Data frames never pass there: the tick path
+    pays nothing. A smaller read size was the other candidate: it would have
+    shortened each stall, not ended the flood.
     """
 
     failure: Failure | None = None  # why we aborted it, when we did
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        super().__init__(protocol, **kwargs)
+        self._pings = 0  # answered since _pings_since (loop time)
+        self._pings_since = -math.inf
+        send_frame = protocol.send_frame  # the library's: every frame it sends, our own too
+
+        def counted(frame: Frame, pong: Opcode = Opcode.PONG) -> None:
+            if frame.opcode is pong:  # the library answering a ping: we never send one
+                self._ping_received()
+            send_frame(frame)
+
+        protocol.send_frame = counted  # type: ignore[method-assign]
+
+    def _ping_received(self) -> None:
+        now = self.loop.time()
+        if now - self._pings_since >= 1.0:
+            self._pings, self._pings_since = 0, now
+        self._pings += 1
+        if self._pings > MAX_PINGS_PER_SECOND:
+            self.fail(Failure("protocol", f"more than {MAX_PINGS_PER_SECOND} pings in 1s"))
+            # Raised in the library's parser (no pong is queued): it stops, and drops the
+            # rest of the read. Our abort above has ended the connection already.
+            raise ProtocolError("too many pings")
 
     @property
     def unsent(self) -> int:
