@@ -1,7 +1,7 @@
 """The tick path end to end (issue 13): the real daemon next to a bare receive loop.
 
     .venv/bin/python benchmarks/e2e.py [--quick] [--work-dir DIR] [--no-docs] [--json]
-                                       [--only SCENARIO ...]
+                                       [--only SCENARIO ...] [--positions N]
 
 Runs tests/integration/e2e_scenarios.py: the daemon (`tickguard run`, 5,000
 symbols subscribed, 1,000 positions guarded), the feed server, the bare loop
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -104,7 +105,9 @@ def section(report: Any, command: str, seconds: float) -> str:
         "*ticks/s*: N ticks, then one tick through a marker's stop. Start: the feed's"
         " first write. The bare loop (a plain `websockets` client, `json.loads` per"
         " frame, ticks counted; for Upstox the protobuf runtime's `FeedResponse` parse"
-        " and `len(feeds)`) ends when it has counted them all. The daemon ends at the"
+        " and each entry's key, ltp and ltt read, since upb makes a message's Python"
+        " objects only when they are read) ends when it has counted them all. The"
+        " daemon ends at the"
         " marker's `[SL]` line on its stderr, stamped as it arrives: it judges ticks in"
         " the order they came, so every earlier one was handled."
         ' `tickguard_ticks_total{source="live"}` is scraped before and after each run to'
@@ -174,12 +177,16 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], metavar="SCENARIO",
                         help="run only this scenario (repeatable; implies --no-docs): one of"
                         " resources, throughput, latency, zombie, black_hole, drop, upstox")  # fmt: skip
+    parser.add_argument("--positions", type=int, default=None, metavar="N",
+                        help="guard N positions instead of 1,000 (implies --no-docs)")  # fmt: skip
     args = parser.parse_args()
     scenario = from_tests.load("e2e_scenarios")
     unknown = set(args.only) - set(scenario.SCENARIOS)
     if unknown:
         parser.error(f"--only: unknown scenario {', '.join(sorted(unknown))}")
     params = scenario.QUICK if args.quick else scenario.FULL
+    if args.positions is not None:
+        params = dataclasses.replace(params, positions=args.positions)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="tickguard-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -194,7 +201,7 @@ def main() -> int:
     if args.json:
         figures = {k: (None if math.isnan(v) else v) for k, v in report.figures().items()}
         print(json.dumps({"figures": figures, "failures": report.failures}), flush=True)
-    if not args.quick and not args.no_docs and not args.only:
+    if not args.quick and not args.no_docs and not args.only and args.positions is None:
         update_docs(section(report, ".venv/bin/python benchmarks/e2e.py", seconds))
         print(f"(written to {DOCS})", file=sys.stderr)
     if args.work_dir is None:
