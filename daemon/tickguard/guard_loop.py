@@ -57,6 +57,10 @@ class Throttle:
         """True if the condition was on (log its end)."""
         return self._logged.pop(key, None) is not None
 
+    def __contains__(self, key: str) -> bool:
+        """The condition is on for `key` (it was logged, and its end was not)."""
+        return key in self._logged
+
 
 @dataclass(frozen=True, slots=True)
 class CloseOutcome:
@@ -387,7 +391,10 @@ class GuardLoop:
         most 50 positions still sees every symbol named).
         """
         burst = Burst(FALLBACK_LINES)
+        logged, live_value = self._fallback_log, self.guard.book.live_value
         for symbol in self.guard.symbols():
+            if symbol not in logged and live_value(symbol) is not None:
+                continue  # live, and never said otherwise: nothing to say (most, most sweeps)
             quote = self.guard.quote(symbol, now)
             if quote.price is not None and quote.usable and quote.source is not PriceSource.LIVE:
                 kind = "stale" if quote.freshness is Freshness.STALE else quote.source.value
