@@ -295,6 +295,32 @@ def health(s: Snapshot, now: float) -> dict[str, Any]:
             "in_flight": len(s.exits.in_flight),
             "retrying": s.exits.retrying,
         },
+        "safety_net": _safety_net(s),
+    }
+
+
+def _safety_net(s: Snapshot) -> dict[str, Any]:
+    """docs/safety-net.md: the broker-held stops, and how many guarded positions they cover."""
+    net = s.safety_net
+    if net is None:
+        return {"enabled": False}
+    return {
+        "enabled": True,
+        "margin_pct": net.margin_pct,
+        "positions": net.covered,
+        "guarded": len(s.guard.positions),
+        "failures": net.failures,
+        "last_error": net.last_error,
+        "stops": [
+            {
+                "symbol": n.symbol,
+                "stop_id": n.stop_id,
+                "trigger": n.trigger,
+                "quantity": n.quantity,
+                "state": n.state,
+            }
+            for n in net.stops
+        ],
     }
 
 

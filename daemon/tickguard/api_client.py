@@ -133,6 +133,17 @@ def render_health(h: dict[str, Any]) -> str:
         lines.append(
             f"            NOT ARMED (the state store was lost): {', '.join(pos['held_back'])}"
         )
+    net = h.get("safety_net", {})
+    if net.get("enabled"):  # docs/safety-net.md
+        lines.append(
+            f"  safety net {net.get('positions', 0)} of {net.get('guarded', 0)} positions covered"
+            f" by a broker-held stop ({net.get('margin_pct', 0):g}% beyond tickguard's)"
+        )
+        for stop in net.get("stops", []):
+            if stop.get("state") != "active":
+                lines.append(f"            {stop['symbol']}: broker-held stop {stop['state']}")
+        if net.get("last_error"):
+            lines.append(f"            last error: {net['last_error']}")
     entries = h["price_cache"]["cache_entries"]
     for symbol, e in sorted(entries.items()):
         age = e["age_seconds"]

@@ -50,6 +50,7 @@ from tickguard.guard_loop import GuardLoop
 from tickguard.http_server import ApiServer
 from tickguard.metrics import AgeCollector, Metrics
 from tickguard.reconciler import Reconciler
+from tickguard.safety_net import SafetyNet
 from tickguard.status import Snapshot
 from tickguard.store import Store
 from tickguard.systemd import Notifier, measure_lag
@@ -81,6 +82,7 @@ class Daemon:
     supervisor: FeedSupervisor
     poller: FallbackPoller | None
     reconciler: Reconciler
+    safety_net: SafetyNet | None
     session: aiohttp.ClientSession
     notifier: Notifier
     port: GuardPort
@@ -122,7 +124,7 @@ async def build(config: Config) -> Daemon:
     up = config.upstox
     uses_upstox = "upstox" in (config.feed.protocol, config.broker.kind)
     upstox_token = read_secret(up.token_file, "upstox.token_file") if uses_upstox else None
-    broker: Broker
+    broker: PaperBroker | UpstoxBroker  # both hold stops for the safety net too
     if config.broker.kind == "upstox":
         assert upstox_token is not None  # the config requires a token file
         broker = UpstoxBroker(
@@ -146,7 +148,15 @@ async def build(config: Config) -> Daemon:
     if isinstance(broker, PaperBroker):  # its account: a registered position's entry filled
         guard_loop.on_registered = broker.open_if_flat
     reconciler = Reconciler(broker, guard_loop, metrics, config.account, config.rules)
-    executor.sizer = reconciler.exit_quantity  # docs/account.md: no exit larger than the account holds
+    executor.sizer = (
+        reconciler.exit_quantity
+    )  # docs/account.md: no exit larger than the account holds
+    safety_net = None
+    if config.safety_net.enabled:  # docs/safety-net.md
+        safety_net = SafetyNet(broker, guard, store, metrics, config.safety_net.margin_pct)
+        safety_net.on_fired = reconciler.trigger
+        executor.disarm = safety_net.disarm
+    metrics.safety_net_enabled.set(1 if safety_net is not None else 0)
 
     def subscriptions() -> set[str]:
         """What the feed subscribes: config symbols plus guarded ones."""
@@ -195,12 +205,14 @@ async def build(config: Config) -> Daemon:
             symbols=subscriptions,
             on_prices=guard_loop.on_prices,
         )
+
     def snapshot() -> Snapshot:
         return guard_loop.snapshot(
             feed=supervisor.status(),
             dns=resolver.status(),
             poll=poller.status() if poller is not None else None,
             account=reconciler.status(),
+            safety_net=safety_net.status() if safety_net is not None else None,
         )
 
     port = GuardPort(
@@ -230,6 +242,7 @@ async def build(config: Config) -> Daemon:
         supervisor=supervisor,
         poller=poller,
         reconciler=reconciler,
+        safety_net=safety_net,
         session=session,
         notifier=Notifier(),
         port=port,
@@ -279,6 +292,8 @@ async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
 
 
 async def _serve(d: Daemon, stop: asyncio.Event) -> int:
+    if d.safety_net is not None:
+        d.safety_net.load()  # before an exit resumed by recover() can disarm
     d.guard_loop.recover(d.config.positions, rearm=d.rearm)
     d.guard_loop.sweep()  # the guard loop has run once before READY
     host, port = d.config.http.host, d.config.http.port
@@ -310,6 +325,8 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     if d.poller is not None:
         d.tasks.append(_keep_running(d, "poll", d.poller.run, failed))
     d.tasks.append(_keep_running(d, "account", d.reconciler.run, failed))
+    if d.safety_net is not None:
+        d.tasks.append(_keep_running(d, "safety_net", d.safety_net.run, failed))
     # Everything built so far lives as long as the process: out of the collector's sight
     # (gc.freeze), a full collection looks only at what was made since. Before, one took
     # 30-150 ms of the guard loop every few minutes under load, all at once (docs/benchmarks.md).

@@ -6,7 +6,7 @@ value and what was expected. Unknown keys are problems too. Every default is
 written once, in `DEFAULTS`, shaped like the TOML file; the parser takes each
 key's default from it by its dotted key (`default`), and
 `packaging/config.example.toml` is tested to parse to exactly them.
-`[account]` and `[[rules]]` are docs/account.md's.
+`[account]` and `[[rules]]` are docs/account.md's; `[safety_net]` is docs/safety-net.md's.
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ DEFAULTS: Final[Mapping[str, object]] = _frozen(
             "confirm_within": 60.0,
             "products": ("I", "D", "MTF"),
         },
+        "safety_net": {"enabled": False, "margin_pct": 1.0},
     }
 )
 
@@ -254,6 +255,14 @@ class AccountConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SafetyNetConfig:
+    """The broker-held stop behind each guarded position (docs/safety-net.md)."""
+
+    enabled: bool
+    margin_pct: float  # how much further from the price than tickguard's own stop, in percent
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig
     http: HttpConfig
@@ -265,6 +274,7 @@ class Config:
     broker: BrokerConfig
     upstox: UpstoxConfig
     account: AccountConfig
+    safety_net: SafetyNetConfig
     positions: tuple[PositionSpec, ...] = ()
     rules: tuple[ExitRule, ...] = ()  # for positions imported from the broker; first match wins
 
@@ -369,6 +379,7 @@ def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = 
         broker=_broker(root.table("broker")),
         upstox=_upstox(root.table("upstox"), env),
         account=_account(root.table("account")),
+        safety_net=_safety_net(root.table("safety_net")),
         positions=_positions(root),
         rules=_rules(root),
     )
@@ -928,6 +939,13 @@ def _account(t: _Table) -> AccountConfig:
     )
     _check_products_given(t, config)
     return config
+
+
+def _safety_net(t: _Table) -> SafetyNetConfig:
+    return SafetyNetConfig(
+        enabled=_bool(t, "enabled"),
+        margin_pct=_number(t, "margin_pct", "a percentage > 0 and below 50", lambda x: 0 < x < 50),
+    )
 
 
 def _upstox_product(text: str) -> str:

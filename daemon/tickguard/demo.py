@@ -63,6 +63,7 @@ EVENT_PREFIXES = (
     "[DNS]",
     "[FEED]",
     "[ACCOUNT]",
+    "[SAFETY NET]",
 )
 CONFIG = """\
 [daemon]
@@ -104,6 +105,9 @@ always_open = true
 
 [account]
 reconcile_interval = {reconcile_interval}
+
+[safety_net]
+enabled = true  # the paper broker holds a stop 1% beyond each of tickguard's own
 """
 
 
@@ -382,11 +386,12 @@ class Demo:
     async def _view(self) -> list[str]:
         _, h = await self.api("GET", "/api/v1/monitoring/connection-health")
         _, pos = await self.api("GET", "/api/v1/positions?state=all")
-        ws, fb = h["websocket"], h["fallback"]
+        ws, fb, net = h["websocket"], h["fallback"], h["safety_net"]
         feed = "CONNECTED" if ws["connected"] else ws["state"].upper()
         self.last_view = (
             f"feed {feed}  fallback {'ACTIVE' if fb['active'] else 'off'}"
             f"  reconnects {ws['reconnect_attempts']}  errors {ws['network_errors']}"
+            f"  broker-held stops {net['positions']}/{net['guarded']}"
         )
         lines = [f"{self.t()}  [{self.phase}] {self.last_view}"]
         for p in pos["positions"][-6:]:

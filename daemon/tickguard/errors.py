@@ -5,7 +5,8 @@
 - BrokerRejected: the broker refused an order; do not retry it blindly.
 - BrokerUnavailable: the broker could not be reached or timed out; the order
   may or may not exist, so retry idempotently (same client order id, after
-  reconciling).
+  reconciling). BrokerBusy, its subclass: the broker refused for now (rate
+  limited) a call that changes nothing when refused (the safety net's stops).
 - StoreError: the state directory is unusable; the daemon cannot guard safely.
   PositionExists, its one subclass, is no failure of the store: the symbol
   already has an active position (the caller asked for a duplicate).
@@ -76,6 +77,11 @@ class BrokerRejected(BrokerError):
 
 class BrokerUnavailable(BrokerError):
     """The broker was unreachable or timed out: the order may exist. Reconcile, then retry."""
+
+
+class BrokerBusy(BrokerUnavailable):
+    """The broker answered, but refused for now (too many requests): nothing was done; the
+    same call may go again shortly."""
 
 
 class StoreError(TickguardError):

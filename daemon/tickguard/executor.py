@@ -19,6 +19,7 @@ from tickguard.core.exits import Exit, ExitState
 from tickguard.core.guard import ExitDecided, Guard
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import Position, PositionState
+from tickguard.core.safety_net import Disarm
 from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
 from tickguard.status import ExecutorStatus
 from tickguard.store import Store
@@ -66,6 +67,9 @@ class ExitExecutor:
         # holding on its side); None: the exit's own quantity. Bounded in time; never raises.
         self.sizer: Callable[[Exit], Awaitable[float]] | None = None
         self.on_first_send: Callable[[Exit], None] | None = None  # told once per exit, when sent
+        # Cancels the position's broker-held stop before each send (docs/safety-net.md);
+        # bounded in time, never raises. FIRED: that stop fired, nothing is sent.
+        self.disarm: Callable[[Exit], Awaitable[Disarm]] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Future[Exit]] = {}
 
@@ -168,10 +172,15 @@ class ExitExecutor:
                 else:
                     self._settle(cid, report, None)
                     return
+            if self.disarm is not None and await self.disarm(exit) is Disarm.FIRED:
+                self._cancelled(cid, "the broker-held stop fired first: nothing sent")
+                return
             if self.sizer is not None:  # docs/account.md: never more than the account holds
                 allowed = min(exit.quantity, await self.sizer(exit))
                 if allowed <= 0:
-                    self._cancelled(cid)
+                    self._cancelled(
+                        cid, f"the account holds no {exit.side.value} {exit.symbol}: nothing sent"
+                    )
                     return
                 if allowed < exit.quantity:
                     exit, position = self.guard.exit_resized(cid, allowed)
@@ -253,9 +262,8 @@ class ExitExecutor:
         )
         self._resolve(exit, position, elapsed)
 
-    def _cancelled(self, cid: str) -> None:
-        exit = self._exit(cid)
-        detail = f"the account holds no {exit.side.value} {exit.symbol}: nothing sent"
+    def _cancelled(self, cid: str, detail: str) -> None:
+        """Not sent, and never will be: reconciliation decides what the position is now."""
         exit, position = self.guard.exit_cancelled(cid, detail, self._monotonic())
         self.store.update_exit(exit, self._wall(), None, position)
         log.warning("[EXIT] %s exit %s: %s", exit.symbol, cid, detail)

@@ -27,7 +27,14 @@ from tickguard.errors import StoreError
 from tickguard.executor import ExitExecutor, recover
 from tickguard.log_limit import Burst
 from tickguard.metrics import Metrics
-from tickguard.status import AccountStatus, DnsStatus, FeedStatus, PollStatus, Snapshot
+from tickguard.status import (
+    AccountStatus,
+    DnsStatus,
+    FeedStatus,
+    PollStatus,
+    SafetyNetStatus,
+    Snapshot,
+)
 from tickguard.store import Store
 
 log = logging.getLogger(__name__)
@@ -285,6 +292,7 @@ class GuardLoop:
         dns: DnsStatus,
         poll: PollStatus | None,
         account: AccountStatus,
+        safety_net: SafetyNetStatus | None = None,
     ) -> Snapshot:
         """The daemon as it is now, with the adapters' own status: what the API, the STATUS
         line and the age collector read. Two dict copies; the objects in them are frozen."""
@@ -308,6 +316,7 @@ class GuardLoop:
             sweeps=self.sweeps,
             sweep_interval=self.sweep_interval,
             last_sweep_at=self.last_sweep_at,
+            safety_net=safety_net,
         )
 
     async def run(self) -> None:

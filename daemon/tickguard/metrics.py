@@ -29,6 +29,7 @@ from tickguard.status import Snapshot
 # Process-wide, and it must come before any metric is made: so at import here.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in 0.26
 
+SAFETY_NET_OPS = ("place", "move", "cancel", "lookup")  # tickguard_safety_net_failures_total{op}
 NETWORK_ERROR_KINDS = (
     "dns",
     "connect",
@@ -163,11 +164,28 @@ class Metrics:
             "prices.cache_timeout: older prices are unusable",
             registry=r,
         )
+        # The broker-held safety net (docs/safety-net.md).
+        self.safety_net_enabled = Gauge(
+            "tickguard_safety_net_enabled", "1 when [safety_net] is enabled", registry=r
+        )
+        self.safety_net_positions = Gauge(
+            "tickguard_safety_net_positions",
+            "Guarded positions covered by an active broker-held stop",
+            registry=r,
+        )
+        self.safety_net_failures = Counter(
+            "tickguard_safety_net_failures",
+            "Broker-held stop calls that failed, by operation",
+            ["op"],
+            registry=r,
+        )
         self.build_info = Info("tickguard_build", "tickguard build information", registry=r)
         self.build_info.info({"version": __version__})
         # Pre-create the labelled series so dashboards see zeros, not gaps.
         for kind in NETWORK_ERROR_KINDS:
             self.network_errors.labels(kind)
+        for op in SAFETY_NET_OPS:
+            self.safety_net_failures.labels(op)
         for resolver in ("primary", "fallback", "last_known_good"):
             for outcome in ("ok", "fail"):
                 self.dns_lookups.labels(resolver, outcome)

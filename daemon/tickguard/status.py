@@ -83,6 +83,28 @@ class AccountStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class NetStop:
+    """One broker-held stop of the safety net, for health."""
+
+    symbol: str
+    stop_id: str | None  # None while its placement is unresolved
+    trigger: float
+    quantity: float
+    state: str  # active | triggered (fired, its position still guarded) | placing
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyNetStatus:
+    """The broker-held safety net (`SafetyNet.status()`; docs/safety-net.md)."""
+
+    margin_pct: float
+    covered: int  # guarded positions with an active broker-held stop
+    stops: tuple[NetStop, ...]
+    failures: dict[str, int]  # by op, since start
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The daemon as the guard loop saw it at `taken_at` (monotonic) / `wall`."""
 
@@ -102,6 +124,7 @@ class Snapshot:
     sweeps: int  # guard sweeps since start: progress
     sweep_interval: float
     last_sweep_at: float | None  # monotonic
+    safety_net: SafetyNetStatus | None = None  # None: [safety_net] is not enabled
 
     def quote(self, symbol: str, now: float) -> Quote:
         """`symbol`'s price judged at `now`, aged from when it was guarded if it never had one."""

@@ -26,6 +26,7 @@ from tickguard.core.exits import Exit, ExitState
 from tickguard.core.orders import OrderReport, OrderStatus
 from tickguard.core.positions import ExitReason, Position, PositionSpec, PositionState, Side
 from tickguard.core.prices import PriceSource
+from tickguard.core.safety_net import BrokerStop, StopState
 from tickguard.errors import PositionExists, StoreError
 from tickguard.files import read_small
 
@@ -145,6 +146,40 @@ MIGRATIONS: tuple[str, ...] = (
         broker_quantity REAL NOT NULL,
         detail TEXT NOT NULL,
         at REAL NOT NULL
+    );
+    """,
+    # 3 -> 4: the broker-held safety net (docs/safety-net.md). A stop's row is written
+    # (`placing`, no stop id yet) before the broker is asked to place it, so that a crash
+    # in between is followed by a search of the broker's list, never a second stop.
+    """
+    CREATE TABLE safety_net_stops (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        position_id INTEGER NOT NULL REFERENCES positions (id),
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL CHECK (side IN ('long', 'short')),
+        quantity REAL NOT NULL,
+        trigger_price REAL NOT NULL,
+        stop_id TEXT,
+        state TEXT NOT NULL
+            CHECK (state IN ('placing', 'active', 'triggered', 'cancelled', 'not_placed')),
+        order_id TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    -- At most one stop per symbol that may be live at the broker, whatever the code does.
+    CREATE UNIQUE INDEX safety_net_one_live ON safety_net_stops (symbol)
+        WHERE state IN ('placing', 'active');
+    -- The paper broker's stops (its simulation of a broker-held stop order).
+    CREATE TABLE paper_stops (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        symbol TEXT NOT NULL,
+        side TEXT NOT NULL CHECK (side IN ('long', 'short')),
+        quantity REAL NOT NULL CHECK (quantity > 0),
+        trigger_price REAL NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('active', 'triggered', 'cancelled')),
+        fill_price REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
     );
     """,
 )
@@ -591,6 +626,122 @@ class Store:
             ).fetchone()
         return int(row[0])
 
+    # -- the safety net's stops (docs/safety-net.md) -------------------------
+
+    def net_intent(self, position: Position, quantity: float, trigger: float, wall: float) -> int:
+        """Journal a stop about to be placed for `position` (durably, before the broker is
+        asked); its row id. PositionExists when the symbol has a live stop row already."""
+        try:
+            with self._tx() as db:
+                cursor = db.execute(
+                    "INSERT INTO safety_net_stops (position_id, symbol, side, quantity,"
+                    " trigger_price, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'placing', ?, ?)",
+                    (
+                        position.id,
+                        position.symbol,
+                        position.side.value,
+                        quantity,
+                        trigger,
+                        wall,
+                        wall,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise PositionExists(position.symbol) from exc
+        return int(cursor.lastrowid or 0)
+
+    def net_update(
+        self,
+        row: int,
+        state: str,
+        wall: float,
+        *,
+        stop_id: str | None = None,
+        quantity: float | None = None,
+        trigger: float | None = None,
+        order_id: str | None = None,
+    ) -> None:
+        """A stop's row after the broker answered: its state, and what changed."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE safety_net_stops SET state = ?, stop_id = COALESCE(?, stop_id),"
+                " quantity = COALESCE(?, quantity), trigger_price = COALESCE(?, trigger_price),"
+                " order_id = COALESCE(?, order_id), updated_at = ? WHERE id = ?",
+                (state, stop_id, quantity, trigger, order_id, wall, row),
+            )
+
+    def net_live(self) -> list[NetRow]:
+        """The stops that may be live at the broker: placed, or being placed."""
+        rows = self._rows(
+            "SELECT * FROM safety_net_stops WHERE state IN ('placing', 'active') ORDER BY id"
+        )
+        return [_net_row(r) for r in rows]
+
+    def net_rows(self, limit: int = 1000) -> list[NetRow]:
+        """Every stop's row, newest first."""
+        rows = self._rows("SELECT * FROM safety_net_stops ORDER BY id DESC LIMIT ?", limit)
+        return [_net_row(r) for r in rows]
+
+    # -- the paper broker's stops ----------------------------------------
+
+    def paper_stop_place(
+        self, symbol: str, side: Side, quantity: float, trigger: float, wall: float
+    ) -> BrokerStop:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO paper_stops (symbol, side, quantity, trigger_price, state,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 'active', ?, ?)",
+                (symbol, side.value, quantity, trigger, wall, wall),
+            )
+        return BrokerStop(f"{PAPER_STOP_PREFIX}{cursor.lastrowid}", symbol, side, quantity, trigger)
+
+    def paper_stop(self, stop_id: str) -> BrokerStop | None:
+        rows = self._rows("SELECT * FROM paper_stops WHERE id = ?", _paper_stop_row(stop_id))
+        return _paper_stop(rows[0]) if rows else None
+
+    def paper_stops(self, limit: int = 10_000) -> list[BrokerStop]:
+        """The paper broker's stops, active ones first, then the newest."""
+        rows = self._rows(
+            "SELECT * FROM paper_stops ORDER BY state != 'active', id DESC LIMIT ?", limit
+        )
+        return [_paper_stop(r) for r in rows]
+
+    def paper_stop_change(
+        self, stop_id: str, wall: float, *, quantity: float, trigger: float
+    ) -> BrokerStop | None:
+        """Move an active paper stop; the stop after (unchanged unless it was active)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE paper_stops SET quantity = ?, trigger_price = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (quantity, trigger, wall, _paper_stop_row(stop_id)),
+            )
+        return self.paper_stop(stop_id)
+
+    def paper_stop_cancel(self, stop_id: str, wall: float) -> BrokerStop | None:
+        """Cancel an active paper stop; the stop after (unchanged unless it was active)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE paper_stops SET state = 'cancelled', updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (wall, _paper_stop_row(stop_id)),
+            )
+        return self.paper_stop(stop_id)
+
+    def paper_stop_fire(self, stop: BrokerStop, price: float, wall: float) -> None:
+        """An active paper stop fired: it trades its quantity at `price` on the paper
+        account, in the same commit as its state."""
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE paper_stops SET state = 'triggered', fill_price = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (price, wall, _paper_stop_row(stop.stop_id)),
+            ).rowcount
+            if changed:
+                side = "sell" if stop.position_side is Side.LONG else "buy"
+                _paper_trade(db, stop.symbol, side, stop.quantity, price, None, wall)
+
     # -- last-known-good addresses ---------------------------------------
 
     def remember_addresses(self, host: str, addresses: list[str], wall: float) -> None:
@@ -619,6 +770,59 @@ class Store:
 
 
 INSTALL_ID_MAX = 64  # bytes read from the install-id file (it holds 6 hex digits)
+
+
+@dataclass(frozen=True, slots=True)
+class NetRow:
+    """One safety-net stop as journalled (docs/safety-net.md)."""
+
+    row: int
+    position_id: int
+    symbol: str
+    side: Side
+    quantity: float
+    trigger: float
+    created_at: float  # wall clock
+    stop_id: str | None = None  # None while being placed (or never placed)
+    state: str = "placing"  # placing | active | triggered | cancelled | not_placed
+    order_id: str | None = None
+
+
+def _net_row(r: sqlite3.Row) -> NetRow:
+    return NetRow(
+        r["id"],
+        r["position_id"],
+        r["symbol"],
+        Side(r["side"]),
+        r["quantity"],
+        r["trigger_price"],
+        r["created_at"],
+        r["stop_id"],
+        r["state"],
+        r["order_id"],
+    )
+
+
+PAPER_STOP_PREFIX = "paper-stop-"
+
+
+def _paper_stop_row(stop_id: str) -> int:
+    """The row of a paper stop id (-1, no row, for any other text)."""
+    number = stop_id.removeprefix(PAPER_STOP_PREFIX)
+    return int(number) if stop_id.startswith(PAPER_STOP_PREFIX) and number.isdigit() else -1
+
+
+def _paper_stop(r: sqlite3.Row) -> BrokerStop:
+    state = StopState(r["state"])
+    return BrokerStop(
+        f"{PAPER_STOP_PREFIX}{r['id']}",
+        r["symbol"],
+        Side(r["side"]),
+        r["quantity"],
+        r["trigger_price"],
+        state,
+        f"{PAPER_STOP_PREFIX}{r['id']}-order" if state is StopState.TRIGGERED else None,
+    )
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -44,7 +44,7 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$instance": ".*",
 }
-ALERTS = {  # issue 5's alerts (and one more) and issue 11's, with their severity
+ALERTS = {  # issue 5's alerts (and one more), issue 11's and issue 14's, with their severity
     "TickguardDown": "critical",
     "TickguardFeedDisconnected": "warning",
     "TickguardPricesStale": "critical",
@@ -58,6 +58,7 @@ ALERTS = {  # issue 5's alerts (and one more) and issue 11's, with their severit
     "TickguardRestarting": "warning",
     "TickguardBrokerPositionsUnguarded": "critical",
     "TickguardReconcileStale": "warning",
+    "TickguardSafetyNetUncovered": "warning",
 }
 MARKET_HOURS_ONLY = {
     "TickguardFeedDisconnected",
@@ -67,6 +68,7 @@ MARKET_HOURS_ONLY = {
     "TickguardDnsFallbackInUse",
     "TickguardBrokerPositionsUnguarded",
     "TickguardReconcileStale",
+    "TickguardSafetyNetUncovered",
 }
 TOP_ROW = [
     "Feed connected",
@@ -341,6 +343,9 @@ async def test_dashboard_metrics_are_exported_by_the_daemon(tmp_path: Path) -> N
         "tickguard_unguarded_positions", "tickguard_external_closes_total",
         "tickguard_exit_quantity_clamped_total", "tickguard_reconcile_failures_total",
         "tickguard_reconcile_last_success_timestamp_seconds",
+        # SPEC 10, the broker-held safety net (and its enabled gauge)
+        "tickguard_safety_net_positions", "tickguard_safety_net_failures_total",
+        "tickguard_safety_net_enabled",
     }  # fmt: skip
     assert spec <= used, sorted(spec - used)
 

@@ -9,15 +9,36 @@ to play a bot or a person trading outside tickguard. The positions answer is
 encoded once per change of the ledger (each entry once per change of its
 line), so that a benchmark measures tickguard's read of 1,000 positions, not
 the fake's.
+
+It speaks GTT too (the safety net): `POST /v3/order/gtt/place`, `PUT
+/v3/order/gtt/modify`, `DELETE /v3/order/gtt/cancel` (JSON body) and `GET
+/v3/order/gtt` (`?gtt_order_id=` one GTT's details; without it, the list), with
+the documented bodies validated field by field; and `DELETE
+/v3/order/cancel?order_id=` for orders. A test moves the market with
+`market(key, price)`: every active GTT on `key` whose trigger the price reaches
+fires, its ENTRY rule TRIGGERED with the LIMIT order it placed (at the trigger),
+which fills at once against the ledger unless `gtt_fills` is False (a gap: the
+order stays open until cancelled, or `fill`ed by the test). Knobs:
+`gtt_behaviour` (ANSWER, SERVER_ERROR, HANG until `release`, REJECT) on every
+GTT endpoint, `overrides` (an operation's answer replaced by a handler: hostile
+bodies), `gtt_missing_as_error`, `list_inactive`, `extra_gtts`; records
+`gtt_calls` (a Counter by operation), `gtt_bodies`, `fired`. Upstox's order rate
+limit is enforced: more than `order_rate_limit` (10) order-type calls (order
+place and cancel, GTT place, modify and cancel) within one second of `clock`
+are answered 429 UDAPI10005 and counted in `rate_limited`; order places count
+against it, but are refused only with `limit_places` (the exit tests written
+before the limit send exits faster than Upstox would take them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +49,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tickguard.brokers.upstox import DEFAULT_PRODUCTS, POSITIONS_TIMEOUT, UpstoxBroker
+from tickguard.brokers.upstox import (
+    DEFAULT_PRODUCTS,
+    POSITIONS_TIMEOUT,
+    REQUEST_TIMEOUT,
+    UpstoxBroker,
+)
 from tickguard.core.account import Holding
 from tickguard.core.exits import ExitState
 from tickguard.core.guard import BlindPolicy, ExitDecided, Guard
@@ -67,6 +93,38 @@ OTHER = "NSE_EQ|INE002A01018"
 THIRD = "BSE_EQ|INE467B01029"
 # The status trail of an order before it reaches the exchange's book.
 ACCEPT_TRAIL = ("put order req received", "validation pending", "open pending")
+FINAL_STATUSES = frozenset({"complete", "cancelled", "rejected"})
+
+# GTT (broker-protocols.md section 2).
+GTT_PLACE_PATH = "/v3/order/gtt/place"
+GTT_MODIFY_PATH = "/v3/order/gtt/modify"
+GTT_CANCEL_PATH = "/v3/order/gtt/cancel"
+GTT_PATH = "/v3/order/gtt"
+ORDER_CANCEL_PATH = "/v3/order/cancel"
+GTT_FIELDS = {
+    "place": ("type", "quantity", "product", "instrument_token", "transaction_type", "rules"),
+    "modify": ("type", "gtt_order_id", "quantity", "rules"),
+    "cancel": ("gtt_order_id",),
+}
+RULE_FIELDS = ("strategy", "trigger_type", "trigger_price")  # trailing_gap: STOPLOSS rules only
+PRODUCTS = frozenset({"I", "D", "MTF"})
+TICK = 0.05  # NSE equity prices move in 0.05 steps
+SCHEDULED, TRIGGERED, CANCELLED = "SCHEDULED", "TRIGGERED", "CANCELLED"  # an ENTRY rule's status
+GTT_OPERATIONS = frozenset({"place", "modify", "cancel", "details", "list"})
+# Upstox's order limit (10/s, unconfirmed) counts these: GTT calls that change a GTT, and
+# order place/cancel ("order_place" is `/v3/order/place`).
+ORDER_TYPE_OPERATIONS = frozenset({"place", "modify", "cancel", "order_cancel", "order_place"})
+ORDER_RATE_LIMIT = 10
+# The fake's own codes and messages where Upstox's are unconfirmed: an unknown GTT id, a GTT
+# no longer active (fired or cancelled) being modified or cancelled, the REJECT knob, and an
+# order that is no longer open being cancelled.
+GTT_NOT_FOUND = {"errorCode": "UDAPI1100", "message": "GTT order not found"}
+GTT_NOT_ACTIVE = {
+    "errorCode": "UDAPI1101",
+    "message": "GTT order is already triggered or cancelled",
+}
+GTT_REFUSED = {"errorCode": "UDAPI1102", "message": "GTT order request refused"}
+ORDER_NOT_OPEN = {"errorCode": "UDAPI1103", "message": "Order is already complete or cancelled"}
 
 
 class Behaviour(enum.Enum):
@@ -80,6 +138,13 @@ class Behaviour(enum.Enum):
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class GttBehaviour(enum.Enum):
+    ANSWER = "answer"  # as Upstox would
+    SERVER_ERROR = "server_error"  # 500 with an HTML page, nothing done
+    HANG = "hang"  # no answer until `release` is set (then as ANSWER)
+    REJECT = "reject"  # 400 with Upstox's error body (GTT_REFUSED), nothing done
 
 
 class PositionsBehaviour(enum.Enum):
@@ -126,6 +191,33 @@ class FakeOrder:
     history: list[dict[str, Any]] = field(default_factory=list)
     detail_polls: int = 0
 
+    @property
+    def status(self) -> str:
+        return str(self.history[-1]["status"])
+
+
+@dataclass
+class FakeGtt:
+    """A SINGLE GTT the fake holds, as placed (or last modified)."""
+
+    gtt_id: str
+    key: str
+    product: str
+    transaction_type: str
+    quantity: int
+    # The ENTRY rule as Upstox lists it: strategy, trigger_type, trigger_price,
+    # transaction_type, status (SCHEDULED, TRIGGERED, CANCELLED), and once fired, order_id.
+    rule: dict[str, Any]
+    created_at: int  # epoch ms
+
+    @property
+    def status(self) -> str:
+        return str(self.rule["status"])
+
+    def reached(self, price: float) -> bool:
+        trigger = self.rule["trigger_price"]
+        return price <= trigger if self.rule["trigger_type"] == "BELOW" else price >= trigger
+
 
 class FakeUpstox:
     """Upstox's place/details/history endpoints on 127.0.0.1:0, one behaviour per place."""
@@ -161,6 +253,28 @@ class FakeUpstox:
         self._ids = itertools.count(250101000000001)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # GTT (the safety net) and order cancel
+        self.gtts: dict[str, FakeGtt] = {}
+        self.gtt_behaviour = GttBehaviour.ANSWER
+        self.gtt_fills = True  # a fired GTT's LIMIT order fills at once (False: stays open)
+        self.gtt_missing_as_error = True  # details of an unknown id: 400 (True) or empty data
+        self.list_inactive = True  # fired and cancelled GTTs stay listed (unconfirmed)
+        self.extra_gtts: list[Any] = []  # raw JSON values appended to the list answer's data
+        # operation ("place", "modify", "cancel", "details", "list", "order_cancel") -> a
+        # handler answering it instead, after it is counted and rate limited
+        self.overrides: dict[str, Handler] = {}
+        self.gtt_calls: collections.Counter[str] = collections.Counter()  # by GTT operation
+        self.gtt_bodies: list[tuple[str, Any]] = []  # (operation, decoded body) as received
+        self.fired: list[str] = []  # GTT ids, as they fired
+        self.ltp: dict[str, float] = {}  # the market as `market` last set it
+        self.order_rate_limit: int | None = ORDER_RATE_LIMIT  # order-type calls a second
+        # Order places count against the limit, but are refused over it only when True: the
+        # exit tests written before the limit send exits faster than 10 a second.
+        self.limit_places = False
+        self.rate_limited = 0  # order-type calls answered 429
+        self.clock: Callable[[], float] = time.monotonic  # the rate limit's (a test may freeze it)
+        self._order_calls: collections.deque[float] = collections.deque()  # admitted, in 1 s
+        self._gtt_ids = itertools.count(25010700000001)
 
     @property
     def url(self) -> str:
@@ -174,6 +288,11 @@ class FakeUpstox:
         app.router.add_get("/v2/order/details", self._details)
         app.router.add_get("/v2/order/history", self._history)
         app.router.add_get(POSITIONS_PATH, self._positions)
+        app.router.add_post(GTT_PLACE_PATH, self._gtt_place)
+        app.router.add_put(GTT_MODIFY_PATH, self._gtt_modify)
+        app.router.add_delete(GTT_CANCEL_PATH, self._gtt_cancel)
+        app.router.add_get(GTT_PATH, self._gtt_get)
+        app.router.add_delete(ORDER_CANCEL_PATH, self._order_cancel)
         app.router.add_routes(routes)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -205,6 +324,9 @@ class FakeUpstox:
         except ValueError:
             return bad_request("body", "Invalid JSON")
         self.place_bodies.append(body)
+        throttled = self._throttled(refuse=self.limit_places)
+        if throttled is not None:
+            return throttled
         problem = place_problem(body, request.headers)
         if problem:
             return bad_request(*problem)
@@ -233,6 +355,220 @@ class FakeUpstox:
                 "metadata": {"latency": 21},
             }
         )
+
+    # -- GTT and order cancel ---------------------------------------------
+
+    async def _gtt_place(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("place", request, self._place_gtt)
+
+    async def _gtt_modify(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("modify", request, self._modify_gtt)
+
+    async def _gtt_cancel(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("cancel", request, self._cancel_gtt)
+
+    async def _gtt_get(self, request: web.Request) -> web.StreamResponse:
+        if "gtt_order_id" in request.query:
+            return await self._serve("details", request, self._gtt_details)
+        return await self._serve("list", request, self._gtt_list)
+
+    async def _order_cancel(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve("order_cancel", request, self._cancel_order)
+
+    async def _serve(
+        self,
+        operation: str,
+        request: web.Request,
+        act: Callable[[Any, web.Request], web.StreamResponse],
+    ) -> web.StreamResponse:
+        """A GTT or order-cancel request: counted, rate limited (order-type calls), answered
+        by its override if any, refused (400) if it breaks the documented shape, faulted by
+        `gtt_behaviour` (GTT calls), and then done by `act(body, request)`."""
+        if operation in GTT_OPERATIONS:
+            self.gtt_calls[operation] += 1
+        if operation in ORDER_TYPE_OPERATIONS:
+            throttled = self._throttled()
+            if throttled is not None:
+                return throttled
+        override = self.overrides.get(operation)
+        if override is not None:
+            return await override(request)
+        if request.headers.get("Accept") != "application/json":
+            return bad_request("Accept", "Accept must be application/json")
+        body: Any = None
+        if operation in GTT_FIELDS:
+            if request.headers.get("Content-Type", "").split(";")[0] != "application/json":
+                return bad_request("Content-Type", "Content-Type must be application/json")
+            try:
+                body = await request.json()
+            except ValueError:
+                return bad_request("body", "Invalid JSON")
+            self.gtt_bodies.append((operation, body))
+            problem = gtt_problem(operation, body)
+            if problem is not None:
+                return bad_request(*problem)
+        if operation in GTT_OPERATIONS:
+            behaviour = self.gtt_behaviour
+            if behaviour is GttBehaviour.SERVER_ERROR:
+                return web.Response(status=500, text="<html>Internal Server Error</html>")
+            if behaviour is GttBehaviour.REJECT:
+                return web.json_response(error_body(GTT_REFUSED), status=400)
+            if behaviour is GttBehaviour.HANG:
+                await self.release.wait()
+        return act(body, request)
+
+    def _throttled(self, *, refuse: bool = True) -> web.Response | None:
+        """429 UDAPI10005 (no Retry-After) for an order-type call when `order_rate_limit`
+        calls were admitted within the last second of `clock`; a throttled call is not
+        admitted (it does not count against the next). `refuse` False: admitted all the
+        same, counted against the calls after it (order places, see `limit_places`)."""
+        limit = self.order_rate_limit
+        if limit is None:
+            return None
+        now = self.clock()
+        admitted = self._order_calls
+        while admitted and now - admitted[0] >= 1.0:
+            admitted.popleft()
+        if len(admitted) >= limit and refuse:
+            self.rate_limited += 1
+            return web.json_response(error_body(RATE_LIMITED), status=429)
+        admitted.append(now)
+        return None
+
+    def _place_gtt(self, body: Any, request: web.Request) -> web.StreamResponse:
+        (rule,) = body["rules"]
+        gtt = FakeGtt(
+            gtt_id=f"GTT-C{next(self._gtt_ids)}",
+            key=body["instrument_token"],
+            product=body["product"],
+            transaction_type=body["transaction_type"],
+            quantity=body["quantity"],
+            rule={
+                "strategy": rule["strategy"],
+                "trigger_type": rule["trigger_type"],
+                "trigger_price": rule["trigger_price"],
+                "transaction_type": body["transaction_type"],
+                "status": SCHEDULED,
+            },
+            created_at=int(time.time() * 1000),
+        )
+        self.gtts[gtt.gtt_id] = gtt
+        return _gtt_ids_answer(gtt.gtt_id)
+
+    def _changeable(self, gtt_id: str) -> FakeGtt | web.Response:
+        """The GTT to modify or cancel, or the 400 refusing it: unknown, or no longer active
+        (Upstox's answer for a GTT that fired or was cancelled is unconfirmed)."""
+        gtt = self.gtts.get(gtt_id)
+        if gtt is None:
+            return web.json_response(error_body(GTT_NOT_FOUND), status=400)
+        if gtt.status != SCHEDULED:
+            return web.json_response(error_body(GTT_NOT_ACTIVE), status=400)
+        return gtt
+
+    def _modify_gtt(self, body: Any, request: web.Request) -> web.StreamResponse:
+        gtt = self._changeable(body["gtt_order_id"])
+        if isinstance(gtt, web.Response):
+            return gtt
+        (rule,) = body["rules"]
+        gtt.quantity = body["quantity"]
+        gtt.rule.update(trigger_type=rule["trigger_type"], trigger_price=rule["trigger_price"])
+        return _gtt_ids_answer(gtt.gtt_id)
+
+    def _cancel_gtt(self, body: Any, request: web.Request) -> web.StreamResponse:
+        gtt = self._changeable(body["gtt_order_id"])
+        if isinstance(gtt, web.Response):
+            return gtt
+        gtt.rule["status"] = CANCELLED
+        return _gtt_ids_answer(gtt.gtt_id)
+
+    def _gtt_details(self, body: Any, request: web.Request) -> web.StreamResponse:
+        gtt = self.gtts.get(request.query["gtt_order_id"])
+        if gtt is None:
+            if self.gtt_missing_as_error:
+                return web.json_response(error_body(GTT_NOT_FOUND), status=400)
+            return web.json_response({"status": "success", "data": []})
+        return web.json_response({"status": "success", "data": [self.gtt_entry(gtt)]})
+
+    def _gtt_list(self, body: Any, request: web.Request) -> web.StreamResponse:
+        data = [
+            self.gtt_entry(gtt)
+            for gtt in self.gtts.values()
+            if self.list_inactive or gtt.status == SCHEDULED
+        ]
+        return web.json_response({"status": "success", "data": data + self.extra_gtts})
+
+    def _cancel_order(self, body: Any, request: web.Request) -> web.StreamResponse:
+        order = self.orders.get(request.query.get("order_id", ""))
+        if order is None:
+            return web.json_response(error_body(ORDER_NOT_FOUND), status=400)
+        if order.status in FINAL_STATUSES:  # Upstox's answer here is unconfirmed
+            return web.json_response(error_body(ORDER_NOT_OPEN), status=400)
+        self._append(order, "cancelled")
+        return web.json_response(
+            {"status": "success", "data": {"order_id": order.order_id}, "metadata": {"latency": 9}}
+        )
+
+    def gtt_entry(self, gtt: FakeGtt) -> dict[str, Any]:
+        """One GTT in the documented details/list shape."""
+        return {
+            "type": "SINGLE",
+            "exchange": gtt.key.split("_", 1)[0],
+            "quantity": gtt.quantity,
+            "product": gtt.product,
+            "rules": [dict(gtt.rule)],
+            "gtt_order_id": gtt.gtt_id,
+            "trading_symbol": "SBIN-EQ",
+            "instrument_token": gtt.key,
+            "created_at": gtt.created_at,
+            "expires_at": gtt.created_at + 365 * 86_400_000,
+        }
+
+    # -- the market --------------------------------------------------------
+
+    def market(self, key: str, price: float) -> list[str]:
+        """`key` last traded at `price`: every active GTT on it whose trigger that reaches
+        (BELOW: price <= trigger; ABOVE: price >= trigger) fires. The ids fired now."""
+        self.ltp[key] = price
+        fired = [
+            gtt
+            for gtt in self.gtts.values()
+            if gtt.key == key and gtt.status == SCHEDULED and gtt.reached(price)
+        ]
+        for gtt in fired:
+            self._fire(gtt)
+        return [gtt.gtt_id for gtt in fired]
+
+    def _fire(self, gtt: FakeGtt) -> None:
+        """The GTT's ENTRY rule TRIGGERED: a LIMIT order at its trigger, filled at once
+        against the ledger when `gtt_fills`, else left open (a gap)."""
+        body = {
+            "quantity": gtt.quantity,
+            "product": gtt.product,
+            "validity": "DAY",
+            "price": gtt.rule["trigger_price"],
+            "instrument_token": gtt.key,
+            "order_type": "LIMIT",
+            "transaction_type": gtt.transaction_type,
+            "disclosed_quantity": 0,
+            "trigger_price": 0,
+            "is_amo": False,
+            "slice": False,
+        }
+        behaviour = Behaviour.FILL if self.gtt_fills else Behaviour.STAY_OPEN
+        order = FakeOrder(str(next(self._ids)), body, behaviour)
+        self.orders[order.order_id] = order
+        for status in (*ACCEPT_TRAIL, "open"):
+            self._append(order, status)
+        if self.gtt_fills:
+            self._append(order, "complete")
+        gtt.rule.update(status=TRIGGERED, order_id=order.order_id)
+        self.fired.append(gtt.gtt_id)
+
+    def fill(self, order_id: str, price: float | None = None) -> None:
+        """An open order fills now (at its limit price, or `price`), against the ledger."""
+        order = self.orders[order_id]
+        assert order.status == "open", f"order {order_id} is {order.status}, not open"
+        self._append(order, "complete", fill_price=price)
 
     async def _details(self, request: web.Request) -> web.StreamResponse:
         order = self.orders.get(request.query.get("order_id", ""))
@@ -419,22 +755,26 @@ class FakeUpstox:
         line = self.ledger.get((key, product))
         return line.quantity if line is not None else 0
 
-    def _append(self, order: FakeOrder, status: str, message: str = "") -> None:
+    def _append(
+        self, order: FakeOrder, status: str, message: str = "", fill_price: float | None = None
+    ) -> None:
         body = order.body
         done = status == "complete"
+        if fill_price is None:  # a LIMIT order fills at its price (no better), MARKET at ours
+            fill_price = body["price"] if body["order_type"] == "LIMIT" else self.fill_price
         if done:  # the fill changes the account, in the order's product
             self.trade(
                 body["instrument_token"],
                 body["transaction_type"],
                 body["quantity"],
-                self.fill_price,
+                fill_price,
                 body["product"],
             )
         order.history.append(
             {
                 "exchange": body["instrument_token"].split("_", 1)[0],
                 "product": body["product"],
-                "price": 0.0,
+                "price": float(body["price"]),
                 "quantity": body["quantity"],
                 "status": status,
                 "tag": body.get("tag"),
@@ -446,7 +786,7 @@ class FakeUpstox:
                 "trigger_price": 0.0,
                 "disclosed_quantity": 0,
                 "transaction_type": body["transaction_type"],
-                "average_price": self.fill_price if done else 0.0,
+                "average_price": fill_price if done else 0.0,
                 "filled_quantity": body["quantity"] if done else 0,
                 "pending_quantity": 0 if done else body["quantity"],
                 "status_message": message or None,
@@ -473,6 +813,86 @@ def _answer(entries: bytes) -> bytes:
 
 def _price(value: float, quantity: int) -> float:
     return round(value / quantity, 2) if quantity else 0.0
+
+
+def _gtt_ids_answer(gtt_id: str) -> web.Response:
+    """Place, modify and cancel answer the GTT's id."""
+    return web.json_response(
+        {"status": "success", "data": {"gtt_order_ids": [gtt_id]}, "metadata": {"latency": 18}}
+    )
+
+
+def _one_of(value: Any, allowed: frozenset[str] | set[str]) -> bool:
+    return isinstance(value, str) and value in allowed
+
+
+def gtt_problem(operation: str, body: Any) -> tuple[str, str] | None:
+    """What breaks the documented GTT body of `operation` (place, modify, cancel), as
+    (field, message); None if nothing. Only SINGLE GTTs are modelled."""
+    if not isinstance(body, dict):
+        return ("body", "Invalid request body")
+    fields = GTT_FIELDS[operation]
+    for name in body:
+        if name not in fields:
+            return (name, f"Unknown field {name}")
+    for name in fields:
+        if name not in body:
+            return (name, f"{name} is required")
+    if "gtt_order_id" in fields and not (
+        isinstance(body["gtt_order_id"], str) and body["gtt_order_id"]
+    ):
+        return ("gtt_order_id", "gtt_order_id has the wrong type")
+    if operation == "cancel":
+        return None
+    if body["type"] != "SINGLE":
+        if body["type"] == "MULTIPLE":
+            return ("type", "MULTIPLE GTTs are not modelled by this fake")
+        return ("type", "type has an invalid value")
+    quantity = body["quantity"]
+    if not isinstance(quantity, int) or isinstance(quantity, bool):
+        return ("quantity", "quantity has the wrong type")
+    if quantity <= 0:
+        return ("quantity", "Quantity should be greater than 0")
+    if operation == "place":
+        if not _one_of(body["product"], PRODUCTS):
+            return ("product", "product has an invalid value")
+        key = body["instrument_token"]
+        if not isinstance(key, str) or "|" not in key:
+            return ("instrument_token", "Invalid instrument key")
+        if not _one_of(body["transaction_type"], {"BUY", "SELL"}):
+            return ("transaction_type", "transaction_type has an invalid value")
+    return rules_problem(body["rules"])
+
+
+def rules_problem(rules: Any) -> tuple[str, str] | None:
+    """A SINGLE GTT's rules: exactly one ENTRY rule, ABOVE or BELOW a price on the tick."""
+    if not isinstance(rules, list) or len(rules) != 1:
+        return ("rules", "A SINGLE GTT has exactly one rule")
+    rule = rules[0]
+    if not isinstance(rule, dict):
+        return ("rules[0]", "Invalid rule")
+    for name in rule:
+        if name not in (*RULE_FIELDS, "trailing_gap"):
+            return (f"rules[0].{name}", f"Unknown field {name}")
+    for name in RULE_FIELDS:
+        if name not in rule:
+            return (f"rules[0].{name}", f"{name} is required")
+    if rule["strategy"] != "ENTRY":
+        return ("rules[0].strategy", "A SINGLE GTT's rule is its ENTRY rule")
+    if "trailing_gap" in rule:
+        return ("rules[0].trailing_gap", "trailing_gap is for a STOPLOSS rule")
+    if rule["trigger_type"] == "IMMEDIATE":
+        return ("rules[0].trigger_type", "IMMEDIATE is not modelled by this fake")
+    if not _one_of(rule["trigger_type"], {"ABOVE", "BELOW"}):
+        return ("rules[0].trigger_type", "trigger_type has an invalid value")
+    price = rule["trigger_price"]
+    if isinstance(price, bool) or not isinstance(price, int | float):
+        return ("rules[0].trigger_price", "trigger_price has the wrong type")
+    if not (math.isfinite(price) and 0 < price < 1e12):
+        return ("rules[0].trigger_price", "Trigger price should be greater than 0")
+    if abs(price / TICK - round(price / TICK)) > 1e-6:
+        return ("rules[0].trigger_price", f"Trigger price should be a multiple of {TICK}")
+    return None
 
 
 def place_problem(body: Any, headers: Any) -> tuple[str, str] | None:
@@ -530,16 +950,20 @@ class Rig:
         fill_wait: float = 1.0,
         products: tuple[str, ...] = DEFAULT_PRODUCTS,
         positions_timeout: float = POSITIONS_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        api_url: str | None = None,
+        hft_url: str | None = None,
     ) -> UpstoxBroker:
         return UpstoxBroker(
             self.session,
             token=token,
-            api_url=self.fake.url,
-            hft_url=self.fake.url,
+            api_url=api_url or self.fake.url,
+            hft_url=hft_url or self.fake.url,
             fill_wait=fill_wait,
             poll_interval=0.02,
             products=products,
             positions_timeout=positions_timeout,
+            request_timeout=request_timeout,
         )
 
 

@@ -131,6 +131,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "confirm_within": 60.0,
         "products": ["I", "D", "MTF"],
     },
+    "safety_net": {"enabled": False, "margin_pct": 1.0},  # SPEC 10
 }
 
 
@@ -169,6 +170,7 @@ def expected_config(url: str = URL, state_dir: Path = Path("/var/lib/tickguard")
         broker=cfg.BrokerConfig("paper"),
         upstox=cfg.UpstoxConfig("https://api.upstox.com", "https://api-hft.upstox.com", "", "I"),
         account=cfg.AccountConfig("config", 5.0, 60.0, ("I", "D", "MTF")),
+        safety_net=cfg.SafetyNetConfig(enabled=False, margin_pct=1.0),
     )
 
 
@@ -407,6 +409,8 @@ def test_config_path_resolution() -> None:
         ("account.reconcile_interval", 0.05, "account.reconcile_interval", 0.05),
         ("account.confirm_within", 1, "account.confirm_within", 1.0),
         ("account.products", ["MTF", "D"], "account.products", ("MTF", "D")),
+        ("safety_net.enabled", True, "safety_net.enabled", True),
+        ("safety_net.margin_pct", 0.25, "safety_net.margin_pct", 0.25),
     ],
 )
 def test_accepted_value(dotted: str, value: object, attribute: str, parsed: object) -> None:
@@ -537,6 +541,11 @@ BROKEN: list[tuple[str, object, str, object]] = [
     ("account.products", ["D", "D"], "account.products[1]", "D"),
     ("account.products", [1], "account.products[0]", 1),
     ("account.interval", 5.0, "account.interval", 5.0),
+    ("safety_net.enabled", "yes", "safety_net.enabled", "yes"),
+    ("safety_net.margin_pct", 0, "safety_net.margin_pct", 0),
+    ("safety_net.margin_pct", 50, "safety_net.margin_pct", 50),
+    ("safety_net.margin_pct", math.nan, "safety_net.margin_pct", math.nan),
+    ("safety_net.margin", 1.0, "safety_net.margin", 1.0),
     ("rules", {"symbols": ["*"]}, "rules", {"symbols": ["*"]}),
 ]
 

@@ -302,7 +302,7 @@ def test_cli_page_documents_every_command_and_option() -> None:
 # -- log lines: docs/logs.md against the log calls --------------------------------------
 
 LOG_METHODS = frozenset({"debug", "info", "warning", "error", "critical", "exception", "log"})
-PREFIX = re.compile(r"\[([A-Z]+|%s)\] ")
+PREFIX = re.compile(r"\[([A-Z]+(?: [A-Z]+)*|%s)\] ")
 # The prefixes of the external contract: they never change.
 FIXED = ("DNS", "RECONNECT", "FALLBACK", "SL", "TP", "TRAIL", "BLIND", "EXIT", "ACCOUNT")
 # `[%s]` is a trigger's tag (guard_loop): the exit reasons `check_triggers` decides.

@@ -7,6 +7,13 @@ paper trading shows a duplicate exit exactly where a real account would.
 
 For tests it can inject latency and a queue of faults, one per call of
 `place_exit`, and run a hook right after it accepted an order.
+
+It also holds stops for the safety net (docs/safety-net.md), in the same
+ledger. A paper stop fires when the paper broker sees a price at or beyond its
+trigger: whenever it is asked about its stops or its positions, and on
+`watch()` (the safety net's periodic look). A fired stop trades its quantity
+on the paper account at the price seen, as a marketable order would; so the
+paper broker never shows the gap a real stop's limit order can fall into.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from tickguard.core.account import Holding
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import PositionSpec, Side
+from tickguard.core.safety_net import BrokerStop, StopState
 from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.store import Store
 
@@ -97,6 +105,7 @@ class PaperBroker:
         """The paper account: every fill of ours and every outside trade, netted per symbol."""
         if self.latency:
             await asyncio.sleep(self.latency)
+        self.watch()
         return self._store.paper_positions()
 
     def trade(self, symbol: str, side: str, quantity: float, price: float | None) -> Holding | None:
@@ -117,6 +126,86 @@ class PaperBroker:
             self._store.record_paper_trade(
                 spec.symbol, side, spec.quantity, spec.entry_price, self._wall()
             )
+
+    # -- stops held for the safety net -------------------------------------
+
+    async def place_stop(
+        self, symbol: str, position_side: Side, quantity: float, trigger: float
+    ) -> BrokerStop:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self._store.paper_stop_place(symbol, position_side, quantity, trigger, self._wall())
+
+    async def modify_stop(self, stop: BrokerStop, quantity: float, trigger: float) -> BrokerStop:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        current = self._fire_if_crossed(self._store.paper_stop(stop.stop_id))
+        if current is None or current.state is not StopState.ACTIVE:
+            state = current.state.value if current is not None else "unknown"
+            raise BrokerRejected("", f"paper broker: stop {stop.stop_id} is {state}")
+        changed = self._store.paper_stop_change(
+            stop.stop_id, self._wall(), quantity=quantity, trigger=trigger
+        )
+        assert changed is not None
+        return changed
+
+    async def cancel_stop(self, stop: BrokerStop) -> BrokerStop:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if self._fire_if_crossed(self._store.paper_stop(stop.stop_id)) is None:
+            raise BrokerRejected("", f"paper broker: no stop {stop.stop_id}")
+        cancelled = self._store.paper_stop_cancel(stop.stop_id, self._wall())
+        assert cancelled is not None
+        return cancelled
+
+    async def stop_state(self, stop: BrokerStop) -> BrokerStop | None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return self._fire_if_crossed(self._store.paper_stop(stop.stop_id))
+
+    async def stops(self) -> list[BrokerStop]:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        self.watch()
+        return self._store.paper_stops()
+
+    async def cancel_order(self, order_id: str) -> bool:
+        """A fired paper stop's order filled at once: there is never one left to cancel."""
+        return False
+
+    def watch(self) -> int:
+        """Fire every active paper stop whose trigger the last price reached; how many fired."""
+        fired = 0
+        for stop in self._store.paper_stops():
+            if stop.state is not StopState.ACTIVE:
+                break  # active ones come first
+            after = self._fire_if_crossed(stop)
+            fired += after is not None and after.state is StopState.TRIGGERED
+        return fired
+
+    def _fire_if_crossed(self, stop: BrokerStop | None) -> BrokerStop | None:
+        """`stop` after the last price was shown to it: fired if that price reached its trigger."""
+        if stop is None or stop.state is not StopState.ACTIVE:
+            return stop
+        price = self._price_of(stop.symbol)
+        if price is None:
+            return stop
+        crossed = (
+            price <= stop.trigger if stop.position_side is Side.LONG else price >= stop.trigger
+        )
+        if not crossed:
+            return stop
+        self._store.paper_stop_fire(stop, price, self._wall())
+        log.warning(
+            "paper broker: stop %s on %s fired at %.2f (trigger %.2f): %s %g",
+            stop.stop_id,
+            stop.symbol,
+            price,
+            stop.trigger,
+            "sold" if stop.position_side is Side.LONG else "bought",
+            stop.quantity,
+        )
+        return self._store.paper_stop(stop.stop_id)
 
     async def close(self) -> None:
         return None

@@ -27,6 +27,16 @@ right before every exit, so the answer (about 700 KB for 1,000 positions) is
 decoded the fast way when it can be (`PositionsDecoder`: typed, checked in C,
 with the checked path, `holdings_from`, for every answer it does not take).
 
+The safety net (`SafetyNetBroker`, docs/safety-net.md) is Upstox GTT orders
+on the API host (broker-protocols.md section 2): one SINGLE GTT per guarded
+position whose ENTRY rule sells a long when the price falls to the trigger
+(buys back a short when it rises to it). Its calls answer as the protocol says:
+BrokerRejected when Upstox refused (a 4xx with its error body: nothing changed),
+BrokerUnavailable when the outcome is unknown (429, 5xx, transport trouble, an
+answer that cannot be read). What Upstox's docs leave open (the status strings
+of a rule, the answer for cancelling a GTT that fired, whether the list without
+an id lists every GTT) is read tolerantly and said at each place below.
+
 The access token is sent only in the Authorization header; it is never logged
 and is scrubbed from any broker text we repeat.
 """
@@ -39,8 +49,8 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Literal, TypeGuard
 
 import aiohttp
 import msgspec
@@ -49,7 +59,9 @@ from tickguard import config
 from tickguard.core import untrusted
 from tickguard.core.account import Holding
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
-from tickguard.errors import BrokerRejected, BrokerUnavailable
+from tickguard.core.positions import Side
+from tickguard.core.safety_net import BrokerStop, StopState
+from tickguard.errors import BrokerBusy, BrokerError, BrokerRejected, BrokerUnavailable
 from tickguard.replies import BadReply, read_body
 
 log = logging.getLogger(__name__)
@@ -70,6 +82,39 @@ REJECTED_STATUSES = frozenset({"rejected", "cancelled"})
 _NOT_FOUND_HINTS = ("not found", "no order", "does not exist", "invalid order id")
 _DETAIL_MAX = 300  # characters of broker text kept in a detail
 _KEY_MAX = 64  # characters of an instrument key (`NSE_EQ|INE848E01016`); longer is not one
+_ID_MAX = 64  # characters of a GTT or order id (`GTT-C25030300128840`); longer is not one
+
+# The safety net's endpoints (broker-protocols.md section 2). GTTs are on the API host, not
+# the HFT host of order place/modify/cancel; cancelling the order a fired GTT placed is an
+# order cancel, on the HFT host.
+GTT_PLACE_PATH = "/v3/order/gtt/place"
+GTT_MODIFY_PATH = "/v3/order/gtt/modify"
+GTT_CANCEL_PATH = "/v3/order/gtt/cancel"
+GTT_PATH = "/v3/order/gtt"  # ?gtt_order_id= one GTT's details; without it, the list
+ORDER_CANCEL_PATH = "/v3/order/cancel"
+ORDER_DETAILS_PATH = "/v2/order/details"
+
+# A stop closes its position: a long's sells once the price is at or below the trigger,
+# a short's buys once it is at or above it.
+_CLOSING: dict[Side, tuple[str, str]] = {
+    Side.LONG: ("SELL", "BELOW"),
+    Side.SHORT: ("BUY", "ABOVE"),
+}
+_CLOSED_BY = {transaction: side for side, (transaction, _) in _CLOSING.items()}
+
+# A GTT's state is its ENTRY rule's `status`, upper-cased. Upstox's docs do not list the
+# strings (unconfirmed), so every plausible spelling is here, in this one table; a status
+# not in it means "cannot tell": stop_state raises BrokerUnavailable, stops() skips it.
+GTT_STATES: Mapping[str, StopState] = {
+    **dict.fromkeys(("SCHEDULED", "PENDING", "ACTIVE", "OPEN"), StopState.ACTIVE),
+    **dict.fromkeys(("TRIGGERED", "COMPLETED", "EXECUTED", "FILLED"), StopState.TRIGGERED),
+    **dict.fromkeys(
+        ("CANCELLED", "CANCELED", "EXPIRED", "DELETED", "REJECTED", "FAILED"),
+        StopState.CANCELLED,
+    ),
+}
+# An unknown GTT id's answer is unconfirmed: a 400/404 saying one of these is "no such GTT".
+_GTT_NOT_FOUND_HINTS = (*_NOT_FOUND_HINTS, "invalid gtt")
 
 
 class UpstoxBroker:
@@ -92,6 +137,7 @@ class UpstoxBroker:
         poll_interval: float = DETAILS_POLL_INTERVAL,
         products: tuple[str, ...] = DEFAULT_PRODUCTS,
         positions_timeout: float = POSITIONS_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self._session = session
         self._token = token
@@ -102,6 +148,7 @@ class UpstoxBroker:
         self.poll_interval = poll_interval
         self.products = products
         self.positions_timeout = positions_timeout
+        self.request_timeout = request_timeout  # every exchange but the positions read
         self._positions_decoder: PositionsDecoder | None = None
 
     # -- the Broker protocol ---------------------------------------------
@@ -187,7 +234,7 @@ class UpstoxBroker:
             if holdings is not None:
                 return holdings
         # Every answer the fast path did not take, judged as it always was.
-        payload = _payload(status, raw, "GET", url, fail)
+        payload = _payload(status, self._unechoed(raw), "GET", url, fail)
         if status != 200:
             detail = f"GET {POSITIONS_PATH}: HTTP {status} {_errors_text(payload)}".rstrip()
             raise fail(f"{detail} (rate limited)" if status == 429 else detail)
@@ -198,6 +245,240 @@ class UpstoxBroker:
 
     async def close(self) -> None:
         return None
+
+    # -- the safety net (SafetyNetBroker): Upstox GTT orders --------------
+    #
+    # Failures are logged at debug only: the safety net counts each and logs it once
+    # ([SAFETY NET]). `ref` in an error is the GTT id (the symbol for a place, the order
+    # id for an order cancel).
+
+    async def place_stop(
+        self, symbol: str, position_side: Side, quantity: float, trigger: float
+    ) -> BrokerStop:
+        """One SINGLE GTT whose ENTRY rule closes `quantity` of the position at `trigger`."""
+        what = f"GTT place {untrusted.shown(symbol)}"
+        whole = self._stop_quantity(symbol, what, quantity)
+        self._check_trigger(symbol, what, trigger)
+        if not _is_instrument_key(symbol):
+            raise self._stop_rejected(symbol, f"{what}: not an instrument key")
+        transaction, _ = _CLOSING[position_side]
+        body = {
+            "type": "SINGLE",
+            "quantity": whole,
+            "product": self.product,
+            "instrument_token": symbol,
+            "transaction_type": transaction,
+            "rules": [_entry_rule(position_side, trigger)],
+        }
+        url = f"{self._api_url}{GTT_PLACE_PATH}"
+        status, payload = await self._stop_exchange(symbol, "POST", url, body)
+        if not 200 <= status < 300:
+            raise self._stop_failure(symbol, what, status, payload, refused=True)
+        gtt_id = _placed_gtt_id(payload)
+        if gtt_id is None:  # it may exist all the same: stops() finds it again
+            shown = untrusted.shown(payload, _DETAIL_MAX)
+            raise self._stop_unavailable(symbol, f"{what}: HTTP {status} without a GTT id: {shown}")
+        log.debug(
+            "upstox: GTT %s placed: %s %d %s at %s", gtt_id, transaction, whole, symbol, trigger
+        )
+        return BrokerStop(gtt_id, symbol, position_side, float(whole), trigger)
+
+    async def modify_stop(self, stop: BrokerStop, quantity: float, trigger: float) -> BrokerStop:
+        """The GTT's ENTRY rule moved to `trigger` for `quantity`; refused (BrokerRejected)
+        when it is no longer active."""
+        ref = stop.stop_id
+        what = f"GTT modify {untrusted.shown(ref)}"
+        self._check_id(ref, what)
+        whole = self._stop_quantity(ref, what, quantity)
+        self._check_trigger(ref, what, trigger)
+        body = {
+            "type": "SINGLE",
+            "gtt_order_id": ref,
+            "quantity": whole,
+            "rules": [_entry_rule(stop.position_side, trigger)],
+        }
+        url = f"{self._api_url}{GTT_MODIFY_PATH}"
+        status, payload = await self._stop_exchange(ref, "PUT", url, body)
+        if not 200 <= status < 300:
+            raise self._stop_failure(ref, what, status, payload, refused=True)
+        if not _succeeded(payload):
+            shown = untrusted.shown(payload, _DETAIL_MAX)
+            raise self._stop_unavailable(ref, f"{what}: HTTP {status} without success: {shown}")
+        log.debug("upstox: GTT %s moved: %d at %s", ref, whole, trigger)
+        return replace(stop, quantity=float(whole), trigger=trigger, state=StopState.ACTIVE)
+
+    async def cancel_stop(self, stop: BrokerStop) -> BrokerStop:
+        """CANCELLED when Upstox cancels it; after a refusal, what the GTT is now: TRIGGERED
+        or CANCELLED (BrokerRejected while it is still active, BrokerUnavailable when it
+        cannot be found: a fired GTT taken for cancelled would let a second exit go)."""
+        ref = stop.stop_id
+        what = f"GTT cancel {untrusted.shown(ref)}"
+        self._check_id(ref, what)
+        url = f"{self._api_url}{GTT_CANCEL_PATH}"
+        status, payload = await self._stop_exchange(ref, "DELETE", url, {"gtt_order_id": ref})
+        if 200 <= status < 300 and _succeeded(payload):
+            log.debug("upstox: GTT %s cancelled", ref)
+            return replace(stop, state=StopState.CANCELLED)
+        if status == 429 or not 200 <= status < 500:
+            raise self._stop_failure(ref, what, status, payload, refused=False)
+        # Refused (only a GTT not yet triggered can be cancelled; Upstox's answer for one that
+        # fired, or was cancelled before, is unconfirmed), or a 2xx that does not say success:
+        # what the GTT is now says what happened.
+        refusal = _refusal(status, payload)
+        try:
+            now = await self.stop_state(stop)
+        except BrokerUnavailable as exc:
+            looked = exc.detail.removeprefix("upstox: ")
+            raise self._stop_unavailable(ref, f"{what}: {refusal}; then {looked}") from None
+        if now is None:
+            raise self._stop_unavailable(
+                ref, f"{what}: {refusal}; the GTT is not found: its state is unknown"
+            )
+        if now.state is StopState.ACTIVE:
+            raise self._stop_rejected(ref, f"{what}: refused: {refusal}; the GTT is still active")
+        log.debug("upstox: GTT %s not cancelled: it is %s", ref, now.state.value)
+        return now
+
+    async def stop_state(self, stop: BrokerStop) -> BrokerStop | None:
+        """The GTT as `GET /v3/order/gtt?gtt_order_id=` lists it; None when Upstox has no such
+        GTT (an empty list, or a 400/404 saying it is not found: the shape is unconfirmed)."""
+        ref = stop.stop_id
+        what = f"GTT details {untrusted.shown(ref)}"
+        self._check_id(ref, what)
+        url = f"{self._api_url}{GTT_PATH}"
+        status, payload = await self._stop_exchange(ref, "GET", url, params={"gtt_order_id": ref})
+        if not 200 <= status < 300:
+            if status in (400, 404) and _says(payload, _GTT_NOT_FOUND_HINTS):
+                return None
+            raise self._stop_failure(ref, what, status, payload, refused=False)
+        try:
+            entries = _gtt_entries(payload)
+        except ValueError as exc:
+            raise self._stop_unavailable(ref, f"{what}: {exc}") from None
+        for index, entry in enumerate(entries):
+            if isinstance(entry, Mapping) and _gtt_id(entry.get("gtt_order_id")) == ref:
+                try:
+                    return _gtt_stop(entry)
+                except ValueError as exc:
+                    raise self._stop_unavailable(ref, f"{what}: data[{index}]: {exc}") from None
+        return None
+
+    async def stops(self) -> list[BrokerStop]:
+        """Every GTT listed that is a stop: a SINGLE GTT with one ENTRY rule that sells BELOW
+        (a long's) or buys ABOVE (a short's), in a state GTT_STATES knows. The others (a
+        person's targets, MULTIPLE GTTs, malformed entries) are not ours and are skipped.
+
+        Unconfirmed: that `GET /v3/order/gtt` without an id lists every GTT of the account
+        (the docs describe it with one), and whether fired or cancelled GTTs stay listed.
+        `data: null` is an unreadable answer, not an empty list: a stop missed here could
+        be placed twice."""
+        what = "GTT list"
+        status, payload = await self._stop_exchange("", "GET", f"{self._api_url}{GTT_PATH}")
+        if not 200 <= status < 300:
+            raise self._stop_failure("", what, status, payload, refused=False)
+        try:
+            entries = _gtt_entries(payload)
+        except ValueError as exc:
+            raise self._stop_unavailable("", f"{what}: {exc}") from None
+        found: list[BrokerStop] = []
+        skipped: list[str] = []
+        for index, entry in enumerate(entries):
+            try:
+                found.append(_gtt_stop(entry))
+            except ValueError as exc:
+                skipped.append(f"data[{index}]: {exc}")
+        if skipped:
+            first = self._scrub(skipped[0])
+            log.debug(
+                "upstox: GTT list: %d entries are not stops, the first: %s", len(skipped), first
+            )
+        return found
+
+    async def cancel_order(self, order_id: str) -> bool:
+        """`DELETE {hft}/v3/order/cancel`: True once cancelled; after a refusal, the order's
+        details decide: cancelled or rejected before -> True, complete -> False, anything
+        else (still open, unreadable) -> BrokerUnavailable."""
+        what = f"order cancel {untrusted.shown(order_id)}"
+        self._check_id(order_id, what)
+        url = f"{self._hft_url}{ORDER_CANCEL_PATH}"
+        params = {"order_id": order_id}
+        status, payload = await self._stop_exchange(order_id, "DELETE", url, params=params)
+        if 200 <= status < 300 and _succeeded(payload):
+            log.debug("upstox: order %s cancelled", order_id)
+            return True
+        if status == 429 or not 200 <= status < 500:
+            raise self._stop_failure(order_id, what, status, payload, refused=False)
+        refusal = _refusal(status, payload)
+        url = f"{self._api_url}{ORDER_DETAILS_PATH}"
+        status, payload = await self._stop_exchange(order_id, "GET", url, params=params)
+        state = _order_state(payload) if 200 <= status < 300 else None
+        if state in REJECTED_STATUSES:
+            return True
+        if state in FILLED_STATUSES:
+            return False
+        said = untrusted.shown(state) if state is not None else _refusal(status, payload)
+        raise self._stop_unavailable(order_id, f"{what}: {refusal}; then its details: {said}")
+
+    async def _stop_exchange(
+        self,
+        ref: str,
+        method: str,
+        url: str,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        return await self._exchange(
+            method,
+            url,
+            lambda detail: self._stop_unavailable(ref, detail),
+            body,
+            params,
+            timeout=self.request_timeout,
+        )
+
+    def _stop_quantity(self, ref: str, what: str, quantity: float) -> int:
+        """Upstox quantities are whole numbers of shares: anything else is refused unsent."""
+        number = untrusted.number(quantity)
+        if number is None or not number.is_integer() or not 0 < number < untrusted.MAX_AMOUNT:
+            raise self._stop_rejected(
+                ref,
+                f"{what}: quantity {untrusted.shown(quantity)} is not a positive whole number"
+                " of shares",
+            )
+        return int(number)
+
+    def _check_trigger(self, ref: str, what: str, trigger: float) -> None:
+        if untrusted.amount(trigger) is None:
+            raise self._stop_rejected(
+                ref, f"{what}: trigger {untrusted.shown(trigger)} is not a price"
+            )
+
+    def _check_id(self, ref: str, what: str) -> None:
+        if _gtt_id(ref) != ref:
+            raise self._stop_rejected(ref, f"{what}: not an id")
+
+    def _stop_failure(
+        self, ref: str, what: str, status: int, payload: Any, *, refused: bool
+    ) -> BrokerError:
+        """A non-success answer: refused (nothing changed) when `refused` and it is a 4xx
+        (but 429) with Upstox's error body; else the outcome is unknown."""
+        errors = _errors_text(payload)
+        detail = f"{what}: HTTP {status} {errors}".rstrip()
+        if refused and 400 <= status < 500 and status != 429 and errors:
+            return self._stop_rejected(ref, f"{detail} (refused)")
+        if status == 429:  # Upstox refused it unseen: nothing changed
+            return BrokerBusy(ref, self._scrub(f"upstox: {detail} (rate limited)"))
+        return self._stop_unavailable(ref, detail)
+
+    def _stop_rejected(self, ref: str, detail: str) -> BrokerRejected:
+        detail = self._scrub(f"upstox: {detail}")
+        log.debug("%s", detail)
+        return BrokerRejected(ref, detail)
+
+    def _stop_unavailable(self, ref: str, detail: str) -> BrokerUnavailable:
+        detail = self._scrub(f"upstox: {detail}")
+        log.debug("%s", detail)
+        return BrokerUnavailable(ref, detail)
 
     # -- requests --------------------------------------------------------
 
@@ -234,7 +515,12 @@ class UpstoxBroker:
     ) -> tuple[int, Any]:
         """One exchange: (HTTP status, decoded JSON or None). Transport trouble is Unavailable."""
         return await self._exchange(
-            method, url, lambda detail: self._unavailable(cid, detail), body, params
+            method,
+            url,
+            lambda detail: self._unavailable(cid, detail),
+            body,
+            params,
+            timeout=self.request_timeout,
         )
 
     async def _exchange(
@@ -247,9 +533,10 @@ class UpstoxBroker:
         *,
         timeout: float = REQUEST_TIMEOUT,
     ) -> tuple[int, Any]:
-        """(HTTP status, decoded JSON or None); transport trouble and a bad 2xx body: `fail`."""
+        """(HTTP status, decoded JSON or None, any token it repeats replaced); transport
+        trouble and a bad 2xx body: `fail`."""
         status, raw = await self._fetch(method, url, fail, body, params, timeout=timeout)
-        return status, _payload(status, raw, method, url, fail)
+        return status, _payload(status, self._unechoed(raw), method, url, fail)
 
     async def _fetch(
         self,
@@ -388,6 +675,11 @@ class UpstoxBroker:
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "<token>") if self._token else text
 
+    def _unechoed(self, raw: bytes) -> bytes:
+        """A body with any token the server repeats replaced, before it is decoded: text cut
+        short for a message could otherwise keep part of it, which `_scrub` cannot find."""
+        return raw.replace(self._token.encode(), b"<token>") if self._token else raw
+
 
 # -- parsing (tolerant: the shapes below are as documented, extra fields ignored) --
 
@@ -404,6 +696,126 @@ def _placed_order_id(payload: Any) -> str | None:
         return str(ids[0])
     single = data.get("order_id")
     return str(single) if single else None
+
+
+def _succeeded(payload: Any) -> bool:
+    return isinstance(payload, Mapping) and payload.get("status") == "success"
+
+
+def _refusal(status: int, payload: Any) -> str:
+    """An answer that is no success, in a few words: its errors, or the body itself."""
+    said = _errors_text(payload) or (untrusted.shown(payload) if payload is not None else "")
+    return f"HTTP {status} {said}".rstrip()
+
+
+def _entry_rule(side: Side, trigger: float) -> dict[str, Any]:
+    """The ENTRY rule of a stop closing a position on `side`."""
+    return {"strategy": "ENTRY", "trigger_type": _CLOSING[side][1], "trigger_price": trigger}
+
+
+def _gtt_id(value: Any) -> str | None:
+    """An id as Upstox gives it (a short printable string, or a whole number), else None."""
+    if isinstance(value, str):
+        fine = 0 < len(value) <= _ID_MAX and value.isprintable() and value.strip() == value
+        return value if fine else None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**_ID_MAX:
+        return str(value)
+    return None
+
+
+def _placed_gtt_id(payload: Any) -> str | None:
+    """The one id of a placed GTT (`data.gtt_order_ids`), else None."""
+    if not isinstance(payload, Mapping) or payload.get("status", "success") != "success":
+        return None
+    data = payload.get("data")
+    ids = data.get("gtt_order_ids") if isinstance(data, Mapping) else None
+    if not isinstance(ids, list) or len(ids) != 1:  # one SINGLE GTT placed, one id
+        return None
+    return _gtt_id(ids[0])
+
+
+def _gtt_entries(payload: Any) -> list[Any]:
+    """The entries of a GTT answer (a details answer's one object is taken as a list of
+    one); ValueError naming what is wrong."""
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"the answer is not an object: {untrusted.shown(payload)}")
+    status = payload.get("status")
+    if status != "success":
+        errors = _errors_text(payload)
+        raise ValueError(f"status {untrusted.shown(status)}" + (f": {errors}" if errors else ""))
+    if "data" not in payload:
+        raise ValueError("data is missing")
+    data = payload["data"]
+    if isinstance(data, Mapping):
+        return [data]
+    if not isinstance(data, list):
+        raise ValueError(f"data is not a list: {untrusted.shown(data)}")
+    return data
+
+
+def _gtt_stop(entry: Any) -> BrokerStop:
+    """A GTT entry as the stop it is; ValueError when it is not a stop (a SINGLE GTT with one
+    ENTRY rule that sells BELOW or buys ABOVE), is malformed, or has a status GTT_STATES
+    does not know."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"not an object: {untrusted.shown(entry)}")
+    kind = entry.get("type")
+    if kind != "SINGLE":
+        raise ValueError(f"type {untrusted.shown(kind)} is not SINGLE")
+    raw_id = entry.get("gtt_order_id")
+    gtt_id = _gtt_id(raw_id)
+    if gtt_id is None:
+        raise ValueError(f"gtt_order_id {untrusted.shown(raw_id)} is not an id")
+    key = entry.get("instrument_token")
+    if not _is_instrument_key(key):
+        raise ValueError(f"instrument_token {untrusted.shown(key)} is not an instrument key")
+    raw_quantity = entry.get("quantity")
+    quantity = untrusted.amount(raw_quantity)
+    if quantity is None or not quantity.is_integer():
+        raise ValueError(
+            f"quantity {untrusted.shown(raw_quantity)} is not a positive whole number of shares"
+        )
+    rules = entry.get("rules")
+    if not isinstance(rules, list):
+        raise ValueError(f"rules {untrusted.shown(rules)} is not a list")
+    entry_rules = [r for r in rules if isinstance(r, Mapping) and r.get("strategy") == "ENTRY"]
+    if len(entry_rules) != 1:
+        raise ValueError(f"{len(entry_rules)} ENTRY rules")
+    (rule,) = entry_rules
+    # On the rule in a details answer; on the GTT in a place body: either will do.
+    transaction = rule.get("transaction_type") or entry.get("transaction_type")
+    side = _CLOSED_BY.get(transaction) if isinstance(transaction, str) else None
+    if side is None:
+        raise ValueError(f"transaction_type {untrusted.shown(transaction)} is not BUY or SELL")
+    trigger_type = rule.get("trigger_type")
+    if trigger_type != _CLOSING[side][1]:
+        raise ValueError(f"{transaction} {untrusted.shown(trigger_type)} is not a stop")
+    raw_trigger = rule.get("trigger_price")
+    trigger = _positive_float(raw_trigger)
+    if trigger is None:
+        raise ValueError(f"trigger_price {untrusted.shown(raw_trigger)} is not a price")
+    raw_status = rule.get("status")
+    state = None
+    if isinstance(raw_status, str) and len(raw_status) <= _ID_MAX:
+        state = GTT_STATES.get(raw_status.strip().upper())
+    if state is None:
+        raise ValueError(f"status {untrusted.shown(raw_status)} is not a state it knows")
+    # The order it placed, when it says (a string or a number; anything else: not said).
+    order_id = _gtt_id(rule.get("order_id"))
+    return BrokerStop(gtt_id, key, side, quantity, trigger, state, order_id)
+
+
+def _order_state(payload: Any) -> str | None:
+    """An order details answer's `status`, lower-cased; None when it does not say one."""
+    if not _succeeded(payload):
+        return None
+    data = payload.get("data")
+    if isinstance(data, list):  # as _wait_for_fill reads it: the newest entry
+        data = data[-1] if data else None
+    status = data.get("status") if isinstance(data, Mapping) else None
+    if not isinstance(status, str) or len(status) > _ID_MAX:
+        return None
+    return status.strip().lower()
 
 
 def _current_orders(data: Any, tag: str) -> list[Mapping[str, Any]]:
@@ -450,8 +862,12 @@ def _errors_text(payload: Any) -> str:
 
 
 def _says_not_found(payload: Any) -> bool:
+    return _says(payload, _NOT_FOUND_HINTS)
+
+
+def _says(payload: Any, hints: tuple[str, ...]) -> bool:
     text = _errors_text(payload).lower()
-    return any(hint in text for hint in _NOT_FOUND_HINTS)
+    return any(hint in text for hint in hints)
 
 
 def _positive_float(value: Any) -> float | None:
@@ -572,7 +988,7 @@ def _field(raw: Mapping[str, Any], where: str, name: str) -> Any:
     return raw[name]
 
 
-def _is_instrument_key(value: Any) -> bool:
+def _is_instrument_key(value: Any) -> TypeGuard[str]:
     """`SEGMENT|identifier`, printable and short: what the feed subscribes and orders name."""
     if not isinstance(value, str) or len(value) > _KEY_MAX or not value.isprintable():
         return False

@@ -36,6 +36,9 @@ class BrokerStop:
     quantity: float
     trigger: float
     state: StopState = StopState.ACTIVE
+    # The order it placed when it fired, when the broker says (to cancel it if it is still
+    # working: a stop's limit order may not fill in a gap).
+    order_id: str | None = None
 
 
 def net_level(position: Position, margin_pct: float, step: float = PRICE_STEP) -> float | None:
@@ -54,6 +57,15 @@ def net_level(position: Position, margin_pct: float, step: float = PRICE_STEP) -
         level = min(levels) * (1 + margin_pct / 100)
         steps = math.ceil(round(level / step, 6))
     return round(max(steps, 1) * step, 8)
+
+
+class Disarm(enum.Enum):
+    """What the cancel of a position's broker-held stop, right before tickguard's own exit
+    is sent, found (docs/safety-net.md)."""
+
+    CLEAR = "clear"  # no broker-held stop can fire for it any more: send
+    FIRED = "fired"  # the broker's stop fired (its order may be filling): send nothing
+    UNKNOWN = "unknown"  # the broker could not be reached: the exit's normal path
 
 
 class Action(enum.Enum):
@@ -98,7 +110,9 @@ def plan(
     `move_every` seconds, and only when its trigger or quantity changed; a stop
     whose position is gone or no longer wants one is cancelled at once. The order
     of the steps: cancels first (they free the broker's limits and never loosen
-    protection that is still wanted), then places, then moves."""
+    protection that is still wanted), then places, then moves, the furthest first.
+    A stop held on the other side than its symbol's position (left from an earlier
+    position) is cancelled; the new one is placed once it is gone."""
     cancels: list[Step] = []
     places: list[Step] = []
     moves: list[Step] = []
@@ -116,11 +130,21 @@ def plan(
         trigger, quantity = want
         if stop is None:
             places.append(Step(Action.PLACE, symbol, trigger, quantity))
+        elif stop.position_side is not position.side:  # a stop left from an earlier position
+            cancels.append(Step(Action.CANCEL, symbol, stop=stop))
         elif (stop.trigger, stop.quantity) != (trigger, quantity) and (
             now - moved_at.get(symbol, -math.inf) >= move_every
         ):
             moves.append(Step(Action.MOVE, symbol, trigger, quantity, stop))
+    # When the broker's limits let only some moves go, the stops furthest behind go first.
+    moves.sort(key=_lag, reverse=True)
     return cancels + places + moves
+
+
+def _lag(step: Step) -> float:
+    """How far a move takes its stop, relative to the price (a quantity change alone: 0)."""
+    assert step.stop is not None and step.trigger is not None
+    return abs(step.trigger - step.stop.trigger) / step.trigger
 
 
 class RateLimit:

@@ -193,7 +193,7 @@ async def daemon(
     fake_upstox: Any,
     upstox_broker_fakes: ModuleType,
 ) -> AsyncIterator[Start]:
-    """`await daemon(account={...}, rules=[...], wrap=...)`: the real daemon, served in this
+    """`await daemon(account={...}, rules=[...], wrap=..., safety_net={...})`: the real daemon, served in this
     event loop against both fakes and connected to the feed fake; stopped at teardown."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     logger = logging.getLogger("tickguard")
@@ -207,6 +207,7 @@ async def daemon(
         account: dict[str, Any] | None = None,
         rules: list[dict[str, Any]] | None = None,
         wrap: Callable[[app.Daemon], None] | None = None,
+        safety_net: dict[str, Any] | None = None,
     ) -> Rig:
         token = upstox_broker_fakes.TOKEN
         feed = await upstox_feed_server(token=token)
@@ -236,6 +237,8 @@ async def daemon(
         }
         if rules:
             tables["rules"] = rules
+        if safety_net is not None:
+            tables["safety_net"] = safety_net
         d = await app.build(parse_config(tables, env={}))
         if wrap is not None:
             wrap(d)
