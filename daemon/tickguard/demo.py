@@ -8,7 +8,9 @@ fires on a poll price; the bot closes a position itself (a paper trade), the
 daemon's reconciliation closes it as `external`, and when its stop then crosses
 on the poll, no order goes out; then the network path is cut (black hole) and
 the poll with it, so prices come from the cache, and an exit fires on a cached
-price; finally the feed comes back.
+price; finally the feed comes back. The safety net is on throughout: the
+paper broker holds a stop behind each position (docs/safety-net.md), placed,
+moved and cancelled in the `[SAFETY NET]` lines.
 
 Ctrl-C (or SIGTERM, or a hangup) stops it at once in any scene: the script is
 cancelled, the daemon and then the simulator are stopped within a bound, a short

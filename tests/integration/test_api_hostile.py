@@ -516,16 +516,27 @@ async def test_a_slow_body_is_a_408(serve: Serve) -> None:
 
 
 async def test_over_the_cap_the_oldest_idle_connection_makes_room(
-    serve: Serve, eventually: Any
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, eventually: Any
 ) -> None:
     """40 idle connections against a cap of 8: /healthz still answers, a request in flight is not cut."""
+    tables: list[http_server.ConnectionTable] = []
+
+    class Recorded(http_server.ConnectionTable):
+        def __init__(self, cap: int) -> None:
+            super().__init__(cap)
+            tables.append(self)
+
+    monkeypatch.setattr(http_server, "ConnectionTable", Recorded)
     d = await serve(HttpLimits(max_connections=8))
+    (table,) = tables
     # A request in flight: its head is in, its body not yet.
     busy_reader, busy_writer = await asyncio.open_connection(LOOPBACK, d.port)
     body = b'{"symbol": "NOSUCH"}'
     request = post(CLOSE, body)
     busy_writer.write(request[: -len(body)])
     await busy_writer.drain()
+    # Its head reached the handler before the flood (else, still idle, it is the oldest).
+    await eventually(lambda: table.snapshot()["in_flight"] == 1, what="the request in flight")
     flood = [await asyncio.open_connection(LOOPBACK, d.port) for _ in range(40)]
     try:
         for _ in range(5):
