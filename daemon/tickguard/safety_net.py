@@ -130,6 +130,7 @@ class SafetyNet:
         # Told when a stop fired: read the account now (the reconciler's trigger).
         self.on_fired: Callable[[], None] | None = None
         self._moved_at: dict[str, float] = {}
+        self._memo: dict[str, tuple[Position, tuple[float, float] | None]] = {}  # for plan()
         self._failed: dict[str, tuple[int, float]] = {}  # symbol -> (failures in a row, until)
         self._locks: dict[str, asyncio.Lock] = {}
         self._strays: set[asyncio.Task[None]] = set()  # cancels of stray fired stops' orders
@@ -276,6 +277,10 @@ class SafetyNet:
             position = positions.get(symbol)
             if position is None or position.id != fired.position_id:
                 del self.fired[symbol]  # its position is closed: done with it
+        if len(self._locks) > len(positions) + len(self.held):  # bounded by those, not history
+            for symbol in [s for s, lock in self._locks.items() if not lock.locked()]:
+                if symbol not in positions and symbol not in self.held:
+                    del self._locks[symbol]
         busy = set(self.placing) | set(self.fired)
         busy |= {s for s, (_, until) in self._failed.items() if until > now}
         busy |= {s for s, lock in self._locks.items() if lock.locked()}
@@ -289,7 +294,10 @@ class SafetyNet:
             self._moved_at,
             now,
             MOVE_EVERY,
+            self._memo,
         )
+        for symbol in self._memo.keys() - positions.keys():
+            del self._memo[symbol]
         for step in steps:
             if not self.limit.take(self._mono()):
                 break
@@ -298,7 +306,7 @@ class SafetyNet:
                 continue  # a disarm is at it
             async with lock:
                 await self._do(step)
-        self._gauge()
+        self.metrics.safety_net_positions.set(self._covered(positions))
 
     async def _do(self, step: Step) -> None:
         if step.action is Action.PLACE:
@@ -578,10 +586,10 @@ class SafetyNet:
 
     def covered(self) -> int:
         """Guarded positions with an active broker-held stop."""
-        return sum(1 for s, h in self.held.items() if _id(self.guard.position(s)) == h.position_id)
+        return self._covered({p.symbol: p for p in self.guard.positions()})
 
-    def _gauge(self) -> None:
-        self.metrics.safety_net_positions.set(self.covered())
+    def _covered(self, positions: dict[str, Position]) -> int:
+        return sum(1 for s, h in self.held.items() if _id(positions.get(s)) == h.position_id)
 
     def status(self) -> SafetyNetStatus:
         stops = [

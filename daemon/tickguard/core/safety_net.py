@@ -47,15 +47,16 @@ def net_level(position: Position, margin_pct: float, step: float = PRICE_STEP) -
     Tickguard's own stop is the tighter of its stop loss and its trailing level
     (the higher for a long, the lower for a short); the broker's sits `margin_pct`
     percent beyond it, on a multiple of `step`, rounded away from the price."""
-    levels = [x for x in (position.spec.stop_loss, position.trailing_level()) if x is not None]
-    if not levels:
+    own, trail = position.spec.stop_loss, position.trailing_level()
+    long = position.side is Side.LONG
+    if own is None or (trail is not None and (trail > own if long else trail < own)):
+        own = trail
+    if own is None:
         return None
-    if position.side is Side.LONG:
-        level = max(levels) * (1 - margin_pct / 100)
-        steps = math.floor(round(level / step, 6))
+    if long:
+        steps = math.floor(round(own * (1 - margin_pct / 100) / step, 6))
     else:
-        level = min(levels) * (1 + margin_pct / 100)
-        steps = math.ceil(round(level / step, 6))
+        steps = math.ceil(round(own * (1 + margin_pct / 100) / step, 6))
     return round(max(steps, 1) * step, 8)
 
 
@@ -102,13 +103,16 @@ def plan(
     moved_at: dict[str, float],
     now: float,
     move_every: float,
+    memo: dict[str, tuple[Position, tuple[float, float] | None]] | None = None,
 ) -> list[Step]:
     """What to ask the broker so that every open position has its stop where it belongs.
 
     `stops`: the active broker-held stops by symbol; `moved_at`: when each symbol's
     stop was last placed or moved (monotonic). A stop is moved at most every
     `move_every` seconds, and only when its trigger or quantity changed; a stop
-    whose position is gone or no longer wants one is cancelled at once. The order
+    whose position is gone or no longer wants one is cancelled at once. `memo` (kept by
+    the caller from one plan to the next) saves working out where the stop of a position
+    that is the same object as last time belongs. The order
     of the steps: cancels first (they free the broker's limits and never loosen
     protection that is still wanted), then places, then moves, the furthest first.
     A stop held on the other side than its symbol's position (left from an earlier
@@ -121,7 +125,14 @@ def plan(
         if position is None or position.state is PositionState.CLOSED:
             cancels.append(Step(Action.CANCEL, symbol, stop=held))
     for symbol, position in positions.items():
-        want = wanted(position, margin_pct)
+        # Positions are frozen, replaced when they change: most are the same object as before.
+        seen = memo.get(symbol) if memo is not None else None
+        if seen is not None and seen[0] is position:
+            want = seen[1]
+        else:
+            want = wanted(position, margin_pct)
+            if memo is not None:
+                memo[symbol] = (position, want)
         stop = stops.get(symbol)
         if want is None:
             if stop is not None and position.state is PositionState.OPEN:

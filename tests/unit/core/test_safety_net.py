@@ -147,3 +147,29 @@ def test_a_rate_limit_needs_a_rate_and_a_burst() -> None:
         RateLimit(0.0, 1)
     with pytest.raises(ValueError):
         RateLimit(1.0, 0)
+
+
+def test_a_stop_on_the_other_side_is_cancelled_before_a_new_one() -> None:
+    """A stop left from an earlier short, with a long now in the symbol."""
+    short_stop = dataclasses.replace(stop(), position_side=Side.SHORT)
+    (step,) = plan({"A": position()}, {"A": short_stop}, 1.0, {}, 0.0, 5.0)
+    assert (step.action, step.stop) == (Action.CANCEL, short_stop)
+
+
+def test_moves_go_furthest_behind_first() -> None:
+    positions = {s: position(symbol=s, stop_loss=sl) for s, sl in (("A", 91.0), ("B", 95.0))}
+    stops = {"A": stop("A", 89.1), "B": stop("B", 89.1)}
+    steps = plan(positions, stops, 1.0, {}, 0.0, 5.0)
+    assert [s.symbol for s in steps] == ["B", "A"]
+
+
+def test_the_memo_gives_the_plan_a_fresh_look_would() -> None:
+    """A position replaced (its trail tightened) is judged again; the same object is not."""
+    memo: dict[str, tuple[Position, tuple[float, float] | None]] = {}
+    held = {"A": stop("A", 89.1)}
+    before = {"A": position(trailing_stop=5.0, anchor=96.0)}  # trail 91: tighter than 90
+    assert plan(before, held, 1.0, {}, 0.0, 5.0, memo) == plan(before, held, 1.0, {}, 0.0, 5.0)
+    after = {"A": dataclasses.replace(before["A"], trail_anchor=99.0)}  # trail 94
+    fresh = plan(after, held, 1.0, {}, 0.0, 5.0)
+    assert plan(after, held, 1.0, {}, 0.0, 5.0, memo) == fresh
+    assert fresh[0].trigger == pytest.approx(93.05)
