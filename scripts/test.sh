@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
 echo "== ruff"; .venv/bin/ruff check daemon tests benchmarks
 echo "== mypy --strict"; .venv/bin/mypy --strict daemon/tickguard
-# Off CI these two may fail (no root for apt, no dpkg-deb): their tests then skip
+# Off CI these may fail (no root for apt, no dpkg-deb): their tests then skip
 # and say why. With TICKGUARD_SYSTEM_TESTS=require (.ci/run) a failure is fatal.
 optional() {
   "$@" && return 0
@@ -15,6 +15,8 @@ optional() {
 }
 echo "== prometheus (promtool and server for the alert and dashboard tests)"
 optional scripts/install-prometheus.sh
+echo "== postgresql (a throw-away cluster for the store and failover tests)"
+optional scripts/install-postgresql.sh
 echo "== deb (for the tests under a real systemd)"
 optional packaging/build-deb.sh
 echo "== pytest"; .venv/bin/pytest "$@"

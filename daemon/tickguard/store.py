@@ -16,10 +16,11 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from tickguard.core.account import Holding, apply_trade
 from tickguard.core.exits import Exit, ExitState
@@ -200,6 +201,531 @@ class ExitRecord:
     updated_at: float
 
 
+Row = Mapping[str, Any]
+
+
+class StoreConflict(StoreError):
+    """A write broke a uniqueness rule of the schema (a second active position in a symbol,
+    a second live safety-net stop, a second external close of a position)."""
+
+
+class Sql(Protocol):
+    """One connection of a backend, as the store's logic speaks to it: SQL with `?`
+    placeholders, the same text for SQLite and PostgreSQL (docs/ha.md)."""
+
+    async def run(self, sql: str, args: Sequence[object] = ()) -> int:
+        """Execute one statement; the rows it changed. StoreConflict, StoreError."""
+        ...
+
+    async def insert(self, sql: str, args: Sequence[object] = ()) -> int:
+        """Execute one INSERT into a table with an `id` column; the new row's id."""
+        ...
+
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
+        """The rows of one query, as mappings by column name."""
+        ...
+
+    def tx(self) -> AbstractAsyncContextManager[None]:
+        """One durable transaction: committed when the block ends, rolled back on any error."""
+        ...
+
+
+class AsyncStore:
+    """Everything the daemon keeps, on any backend: the logic, written once.
+
+    `Store` runs it on SQLite (each call finishes at once: SQLite is called
+    synchronously, see `_done`); `tickguard.store_pg.PostgresStore` runs it on
+    PostgreSQL, awaited.
+    """
+
+    def __init__(self, sql: Sql, install_id: str) -> None:
+        self._sql = sql
+        self.install_id = install_id
+
+    async def _rows(self, sql: str, *args: object) -> list[Row]:
+        return await self._sql.rows(sql, args)
+
+    # -- positions ------------------------------------------------------
+
+    async def add_position(self, spec: PositionSpec, wall: float, origin: str = "api") -> Position:
+        """Store a new open position; PositionExists if the symbol already has an active one,
+        StoreError if the store cannot take it."""
+        try:
+            async with self._sql.tx():
+                new_id = await self._sql.insert(
+                    "INSERT INTO positions (symbol, side, quantity, entry_price, stop_loss,"
+                    " take_profit, trailing_stop, state, created_at, updated_at, origin)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+                    (
+                        spec.symbol,
+                        spec.side.value,
+                        spec.quantity,
+                        spec.entry_price,
+                        spec.stop_loss,
+                        spec.take_profit,
+                        spec.trailing_stop,
+                        wall,
+                        wall,
+                        origin,
+                    ),
+                )
+        except StoreConflict as exc:
+            raise PositionExists(spec.symbol) from exc
+        return Position(new_id, spec, origin=origin, created_at=wall)
+
+    async def save_positions(self, positions: Iterable[Position], wall: float) -> None:
+        """Persist the mutable parts of positions (state, trailing anchor, exit ids)."""
+        async with self._sql.tx():
+            for position in positions:
+                await _save_position(self._sql, position, wall)
+
+    async def delete_position(self, position: Position, wall: float) -> None:
+        """Stop guarding without an order: the row is kept, marked closed.
+
+        Rows of positions dropped this way that never had an exit are pruned
+        beyond the newest KEEP_DROPPED (each symbol's newest row always stays:
+        it is what stops a config position from being armed again).
+        """
+        async with self._sql.tx():
+            await self._sql.run(
+                "UPDATE positions SET state = 'closed', updated_at = ? WHERE id = ?",
+                (wall, position.id),
+            )
+            await self._sql.run(
+                "DELETE FROM positions WHERE state = 'closed' AND exit_seq = 0"
+                " AND id <= (SELECT MAX(id) FROM positions) - ?"
+                " AND id NOT IN (SELECT MAX(id) FROM positions GROUP BY symbol)",
+                (KEEP_DROPPED,),
+            )
+
+    async def positions(self, *, active_only: bool = True) -> list[Position]:
+        sql = "SELECT * FROM positions"
+        if active_only:
+            sql += " WHERE state != 'closed'"
+        return [_position(row) for row in await self._rows(sql + " ORDER BY id")]
+
+    async def latest_position(self, symbol: str) -> Position | None:
+        rows = await self._rows(
+            "SELECT * FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1", symbol
+        )
+        return _position(rows[0]) if rows else None
+
+    async def closed_at(self, symbol: str) -> float | None:
+        """When the newest position in `symbol` closed (wall clock), None if it is not closed."""
+        rows = await self._rows(
+            "SELECT state, updated_at FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1",
+            symbol,
+        )
+        return float(rows[0]["updated_at"]) if rows and rows[0]["state"] == "closed" else None
+
+    async def position(self, position_id: int) -> Position | None:
+        rows = await self._rows("SELECT * FROM positions WHERE id = ?", position_id)
+        return _position(rows[0]) if rows else None
+
+    # -- the exit journal -----------------------------------------------
+
+    async def journal_exit(self, exit: Exit, position: Position, wall: float) -> None:
+        """Record a decided exit and its position's move to exiting, durably, in one commit."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "INSERT INTO exits (client_order_id, position_id, symbol, side, quantity, reason,"
+                " price_source, trigger_price, decided_at, state, attempts, detail, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    exit.client_order_id,
+                    exit.position_id,
+                    exit.symbol,
+                    exit.side.value,
+                    exit.quantity,
+                    exit.reason.value,
+                    exit.price_source.value,
+                    exit.trigger_price,
+                    exit.decided_at,
+                    exit.state.value,
+                    exit.attempts,
+                    exit.detail,
+                    wall,
+                ),
+            )
+            await _event(self._sql, exit, wall, None)
+            await _save_position(self._sql, position, wall)
+
+    async def update_exit(
+        self,
+        exit: Exit,
+        wall: float,
+        reply: OrderReport | None = None,
+        position: Position | None = None,
+    ) -> None:
+        """Record an exit's new state (and its position's, when that changed) in one commit."""
+        pnl = exit.pnl(position.spec.entry_price) if position is not None else None
+        async with self._sql.tx():
+            await self._sql.run(
+                "UPDATE exits SET state = ?, quantity = ?, filled_quantity = ?, attempts = ?,"
+                " fill_price = ?, pnl = COALESCE(?, pnl), broker_order_id = ?, detail = ?,"
+                " updated_at = ? WHERE client_order_id = ?",
+                (
+                    exit.state.value,
+                    exit.quantity,
+                    exit.filled_quantity,
+                    exit.attempts,
+                    exit.fill_price,
+                    pnl,
+                    exit.broker_order_id,
+                    exit.detail,
+                    wall,
+                    exit.client_order_id,
+                ),
+            )
+            await _event(self._sql, exit, wall, reply)
+            if position is not None:
+                await _save_position(self._sql, position, wall)
+
+    async def unfinished_exits(self) -> list[Exit]:
+        placeholders = ", ".join("?" for s in ExitState if s.in_flight)
+        rows = await self._rows(
+            f"SELECT * FROM exits WHERE state IN ({placeholders}) ORDER BY decided_at",
+            *(s.value for s in ExitState if s.in_flight),
+        )
+        return [_exit(row) for row in rows]
+
+    async def exits(self, limit: int = 1000) -> list[ExitRecord]:
+        rows = await self._rows(
+            "SELECT * FROM exits ORDER BY decided_at DESC, rowid DESC LIMIT ?", limit
+        )
+        return [ExitRecord(_exit(r), r["pnl"], r["updated_at"]) for r in rows]
+
+    async def exit_record(self, client_order_id: str) -> ExitRecord | None:
+        rows = await self._rows("SELECT * FROM exits WHERE client_order_id = ?", client_order_id)
+        return ExitRecord(_exit(rows[0]), rows[0]["pnl"], rows[0]["updated_at"]) if rows else None
+
+    async def exit_events(self, client_order_id: str) -> list[dict[str, object]]:
+        rows = await self._rows(
+            "SELECT state, at, detail, reply FROM exit_events WHERE client_order_id = ? ORDER BY id",
+            client_order_id,
+        )
+        return [
+            {
+                "state": r["state"],
+                "at": r["at"],
+                "detail": r["detail"],
+                "reply": json.loads(r["reply"]) if r["reply"] else None,
+            }
+            for r in rows
+        ]
+
+    async def close_external(
+        self, position: Position, broker_quantity: float, detail: str, wall: float
+    ) -> None:
+        """Journal a position closed outside tickguard (no order) and mark it closed, in one
+        commit. Once per position: a second call for it is a StoreConflict (a StoreError)."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "INSERT INTO external_closes (position_id, symbol, side, quantity, entry_price,"
+                " broker_quantity, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    position.id,
+                    position.symbol,
+                    position.side.value,
+                    position.spec.quantity,
+                    position.spec.entry_price,
+                    broker_quantity,
+                    detail,
+                    wall,
+                ),
+            )
+            await _save_position(self._sql, position, wall)
+
+    async def external_closes(self, limit: int = 1000) -> list[dict[str, object]]:
+        rows = await self._rows(
+            "SELECT * FROM external_closes ORDER BY at DESC, id DESC LIMIT ?", limit
+        )
+        return [dict(r) for r in rows]
+
+    # -- audit ----------------------------------------------------------
+
+    async def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
+        """Record a mutating call; the log keeps the newest KEEP_AUDIT entries."""
+        async with self._sql.tx():
+            new_id = await self._sql.insert(
+                "INSERT INTO audit (at, action, detail) VALUES (?, ?, ?)",
+                (wall, action, json.dumps(detail, sort_keys=True, default=str)),
+            )
+            await self._sql.run("DELETE FROM audit WHERE id <= ?", (new_id - KEEP_AUDIT,))
+
+    async def audit_log(self, limit: int = 100) -> list[dict[str, object]]:
+        rows = await self._rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
+        return [
+            {"at": r["at"], "action": r["action"], "detail": json.loads(r["detail"])} for r in rows
+        ]
+
+    # -- paper broker fills ---------------------------------------------
+
+    async def record_paper_fill(
+        self, report: OrderReport, symbol: str, transaction: str, quantity: float, wall: float
+    ) -> None:
+        """Record an order the paper broker filled, and its trade on the paper account,
+        in one commit."""
+        async with self._sql.tx():
+            assert report.fill_price is not None
+            await _paper_trade(
+                self._sql,
+                symbol,
+                transaction.lower(),
+                quantity,
+                report.fill_price,
+                report.client_order_id,
+                wall,
+            )
+            await self._sql.run(
+                "INSERT INTO paper_fills (broker_order_id, client_order_id, symbol,"
+                " transaction_type, quantity, price, filled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    report.broker_order_id,
+                    report.client_order_id,
+                    symbol,
+                    transaction,
+                    quantity,
+                    report.fill_price,
+                    wall,
+                ),
+            )
+
+    async def record_paper_trade(
+        self, symbol: str, side: str, quantity: float, price: float, wall: float
+    ) -> Holding | None:
+        """A trade on the paper account made outside tickguard; the net position after it."""
+        async with self._sql.tx():
+            return await _paper_trade(self._sql, symbol, side, quantity, price, None, wall)
+
+    async def paper_positions(self) -> list[Holding]:
+        """The paper account's open positions."""
+        rows = await self._rows("SELECT * FROM paper_positions ORDER BY symbol")
+        return [Holding(r["symbol"], r["quantity"], r["average_price"]) for r in rows]
+
+    async def paper_position(self, symbol: str) -> Holding | None:
+        rows = await self._rows("SELECT * FROM paper_positions WHERE symbol = ?", symbol)
+        return (
+            Holding(rows[0]["symbol"], rows[0]["quantity"], rows[0]["average_price"])
+            if rows
+            else None
+        )
+
+    async def paper_fill(self, client_order_id: str) -> OrderReport | None:
+        """The first paper fill of a client order id."""
+        rows = await self._rows(
+            "SELECT * FROM paper_fills WHERE client_order_id = ? ORDER BY rowid LIMIT 1",
+            client_order_id,
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        return OrderReport(
+            row["client_order_id"],
+            row["broker_order_id"],
+            OrderStatus.FILLED,
+            row["price"],
+            filled_quantity=row["quantity"],
+        )
+
+    async def paper_fill_count(self, client_order_id: str | None = None) -> int:
+        if client_order_id is None:
+            rows = await self._rows("SELECT COUNT(*) AS n FROM paper_fills")
+        else:
+            rows = await self._rows(
+                "SELECT COUNT(*) AS n FROM paper_fills WHERE client_order_id = ?", client_order_id
+            )
+        return int(rows[0]["n"])
+
+    # -- the safety net's stops (docs/safety-net.md) -------------------------
+
+    async def net_intent(
+        self, position: Position, quantity: float, trigger: float, wall: float
+    ) -> int:
+        """Journal a stop about to be placed for `position` (durably, before the broker is
+        asked); its row id. PositionExists when the symbol has a live stop row already."""
+        try:
+            async with self._sql.tx():
+                new_id = await self._sql.insert(
+                    "INSERT INTO safety_net_stops (position_id, symbol, side, quantity,"
+                    " trigger_price, state, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'placing', ?, ?)",
+                    (
+                        position.id,
+                        position.symbol,
+                        position.side.value,
+                        quantity,
+                        trigger,
+                        wall,
+                        wall,
+                    ),
+                )
+        except StoreConflict as exc:
+            raise PositionExists(position.symbol) from exc
+        return new_id
+
+    async def net_update(
+        self,
+        row: int,
+        state: str,
+        wall: float,
+        *,
+        stop_id: str | None = None,
+        quantity: float | None = None,
+        trigger: float | None = None,
+        order_id: str | None = None,
+    ) -> None:
+        """A stop's row after the broker answered: its state, and what changed."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "UPDATE safety_net_stops SET state = ?, stop_id = COALESCE(?, stop_id),"
+                " quantity = COALESCE(?, quantity), trigger_price = COALESCE(?, trigger_price),"
+                " order_id = COALESCE(?, order_id), updated_at = ? WHERE id = ?",
+                (state, stop_id, quantity, trigger, order_id, wall, row),
+            )
+
+    async def net_live(self) -> list[NetRow]:
+        """The stops that may be live at the broker: placed, or being placed."""
+        rows = await self._rows(
+            "SELECT * FROM safety_net_stops WHERE state IN ('placing', 'active') ORDER BY id"
+        )
+        return [_net_row(r) for r in rows]
+
+    async def net_rows(self, limit: int = 1000) -> list[NetRow]:
+        """Every stop's row, newest first."""
+        rows = await self._rows("SELECT * FROM safety_net_stops ORDER BY id DESC LIMIT ?", limit)
+        return [_net_row(r) for r in rows]
+
+    # -- the paper broker's stops ----------------------------------------
+
+    async def paper_stop_place(
+        self, symbol: str, side: Side, quantity: float, trigger: float, wall: float
+    ) -> BrokerStop:
+        async with self._sql.tx():
+            new_id = await self._sql.insert(
+                "INSERT INTO paper_stops (symbol, side, quantity, trigger_price, state,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, 'active', ?, ?)",
+                (symbol, side.value, quantity, trigger, wall, wall),
+            )
+        return BrokerStop(f"{PAPER_STOP_PREFIX}{new_id}", symbol, side, quantity, trigger)
+
+    async def paper_stop(self, stop_id: str) -> BrokerStop | None:
+        rows = await self._rows("SELECT * FROM paper_stops WHERE id = ?", _paper_stop_row(stop_id))
+        return _paper_stop(rows[0]) if rows else None
+
+    async def paper_stops(self, limit: int = 10_000) -> list[BrokerStop]:
+        """The paper broker's stops, active ones first, then the newest."""
+        rows = await self._rows(
+            "SELECT * FROM paper_stops ORDER BY state != 'active', id DESC LIMIT ?", limit
+        )
+        return [_paper_stop(r) for r in rows]
+
+    async def paper_stop_change(
+        self, stop_id: str, wall: float, *, quantity: float, trigger: float
+    ) -> BrokerStop | None:
+        """Move an active paper stop; the stop after (unchanged unless it was active)."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "UPDATE paper_stops SET quantity = ?, trigger_price = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (quantity, trigger, wall, _paper_stop_row(stop_id)),
+            )
+        return await self.paper_stop(stop_id)
+
+    async def paper_stop_cancel(self, stop_id: str, wall: float) -> BrokerStop | None:
+        """Cancel an active paper stop; the stop after (unchanged unless it was active)."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "UPDATE paper_stops SET state = 'cancelled', updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (wall, _paper_stop_row(stop_id)),
+            )
+        return await self.paper_stop(stop_id)
+
+    async def paper_stop_fire(self, stop: BrokerStop, price: float, wall: float) -> None:
+        """An active paper stop fired: it trades its quantity at `price` on the paper
+        account, in the same commit as its state."""
+        async with self._sql.tx():
+            changed = await self._sql.run(
+                "UPDATE paper_stops SET state = 'triggered', fill_price = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'active'",
+                (price, wall, _paper_stop_row(stop.stop_id)),
+            )
+            if changed:
+                side = "sell" if stop.position_side is Side.LONG else "buy"
+                await _paper_trade(self._sql, stop.symbol, side, stop.quantity, price, None, wall)
+
+    # -- last-known-good addresses ---------------------------------------
+
+    async def remember_addresses(self, host: str, addresses: list[str], wall: float) -> None:
+        """Keep the addresses `host` last resolved to (for when every resolver fails)."""
+        async with self._sql.tx():
+            await self._sql.run(
+                "INSERT INTO dns_cache (host, addresses, resolved_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET addresses = excluded.addresses,"
+                " resolved_at = excluded.resolved_at",
+                (host, json.dumps(addresses), wall),
+            )
+
+    async def known_addresses(self, host: str) -> tuple[list[str], float] | None:
+        """The last-known-good addresses of `host` and when they were resolved."""
+        rows = await self._rows("SELECT addresses, resolved_at FROM dns_cache WHERE host = ?", host)
+        if not rows:
+            return None
+        return [str(a) for a in json.loads(rows[0]["addresses"])], float(rows[0]["resolved_at"])
+
+
+class _SqliteSql:
+    """The `Sql` of a `Store`: its one SQLite connection, called synchronously. No call
+    ever suspends, so `_done` can run any `AsyncStore` call to its end at once."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def run(self, sql: str, args: Sequence[object] = ()) -> int:
+        return self._execute(sql, args).rowcount
+
+    async def insert(self, sql: str, args: Sequence[object] = ()) -> int:
+        row = self._execute(sql + " RETURNING id", args).fetchone()
+        return int(row[0])
+
+    async def rows(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
+        cursor = self._execute(sql, args)
+        cursor.row_factory = sqlite3.Row
+        return list(cursor.fetchall())
+
+    @asynccontextmanager
+    async def tx(self) -> AsyncIterator[None]:
+        with self._store._tx():
+            yield
+
+    def _execute(self, sql: str, args: Sequence[object]) -> sqlite3.Cursor:
+        try:
+            return self._store._db.execute(sql, tuple(args))
+        except sqlite3.IntegrityError as exc:
+            raise StoreConflict(f"state store {self._store.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {self._store.path}: {exc}") from exc
+
+
+_T = TypeVar("_T")
+
+
+def _done(call: Coroutine[Any, Any, _T]) -> _T:
+    """Run a call of a SQLite `Store`'s `AsyncStore` to its end, here and now.
+
+    Its awaits never suspend (`_SqliteSql` calls SQLite synchronously), so the
+    coroutine ends on its first step: no event loop is needed, and none is
+    yielded to in the middle of a transaction (as before the logic was shared
+    with PostgreSQL)."""
+    try:
+        call.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    call.close()
+    raise RuntimeError("a SQLite store call suspended")
+
+
 class Store:
     """The daemon's durable state in `<state_dir>/tickguard.sqlite3`.
 
@@ -240,6 +766,7 @@ class Store:
                 raise
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
         self.install_id = self._install_id()
+        self.aio = AsyncStore(_SqliteSql(self), self.install_id)  # the same store, awaitable
         if previous_id is not None and previous_id != self.install_id and self.lost is None:
             self.lost = f"its install id is {self.install_id}, but {previous_id} was kept beside it"
         try:
@@ -317,7 +844,7 @@ class Store:
             )
         for target in range(version, SCHEMA_VERSION):
             with self._tx() as db:
-                for statement in _statements(MIGRATIONS[target]):
+                for statement in statements(MIGRATIONS[target]):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version = {target + 1}")
 
@@ -330,118 +857,36 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'install_id'").fetchone()
         if row:
             return str(row[0])
-        new = secrets.token_hex(3)
+        new = new_install_id()
         with self._tx() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('install_id', ?)", (new,))
         return new
 
-    # -- positions ------------------------------------------------------
+    # -- the store's calls, run here and now (see `_done`) --------------------------
 
     def add_position(self, spec: PositionSpec, wall: float, origin: str = "api") -> Position:
-        """Store a new open position; PositionExists if the symbol already has an active one,
-        StoreError if the store cannot take it."""
-        try:
-            with self._tx() as db:
-                cursor = db.execute(
-                    "INSERT INTO positions (symbol, side, quantity, entry_price, stop_loss,"
-                    " take_profit, trailing_stop, state, created_at, updated_at, origin)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
-                    (
-                        spec.symbol,
-                        spec.side.value,
-                        spec.quantity,
-                        spec.entry_price,
-                        spec.stop_loss,
-                        spec.take_profit,
-                        spec.trailing_stop,
-                        wall,
-                        wall,
-                        origin,
-                    ),
-                )
-        except StoreError as exc:
-            if isinstance(exc.__cause__, sqlite3.IntegrityError):
-                raise PositionExists(spec.symbol) from exc
-            raise
-        assert cursor.lastrowid is not None
-        return Position(cursor.lastrowid, spec, origin=origin, created_at=wall)
+        return _done(self.aio.add_position(spec, wall, origin))
 
     def save_positions(self, positions: Iterable[Position], wall: float) -> None:
-        """Persist the mutable parts of positions (state, trailing anchor, exit ids)."""
-        with self._tx() as db:
-            for position in positions:
-                _save_position(db, position, wall)
+        return _done(self.aio.save_positions(positions, wall))
 
     def delete_position(self, position: Position, wall: float) -> None:
-        """Stop guarding without an order: the row is kept, marked closed.
-
-        Rows of positions dropped this way that never had an exit are pruned
-        beyond the newest KEEP_DROPPED (each symbol's newest row always stays:
-        it is what stops a config position from being armed again).
-        """
-        with self._tx() as db:
-            db.execute(
-                "UPDATE positions SET state = 'closed', updated_at = ? WHERE id = ?",
-                (wall, position.id),
-            )
-            db.execute(
-                "DELETE FROM positions WHERE state = 'closed' AND exit_seq = 0"
-                " AND id <= (SELECT MAX(id) FROM positions) - ?"
-                " AND id NOT IN (SELECT MAX(id) FROM positions GROUP BY symbol)",
-                (KEEP_DROPPED,),
-            )
+        return _done(self.aio.delete_position(position, wall))
 
     def positions(self, *, active_only: bool = True) -> list[Position]:
-        sql = "SELECT * FROM positions"
-        if active_only:
-            sql += " WHERE state != 'closed'"
-        return [_position(row) for row in self._rows(sql + " ORDER BY id")]
+        return _done(self.aio.positions(active_only=active_only))
 
     def latest_position(self, symbol: str) -> Position | None:
-        rows = self._rows(
-            "SELECT * FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1", symbol
-        )
-        return _position(rows[0]) if rows else None
+        return _done(self.aio.latest_position(symbol))
 
     def closed_at(self, symbol: str) -> float | None:
-        """When the newest position in `symbol` closed (wall clock), None if it is not closed."""
-        rows = self._rows(
-            "SELECT state, updated_at FROM positions WHERE symbol = ? ORDER BY id DESC LIMIT 1",
-            symbol,
-        )
-        return float(rows[0]["updated_at"]) if rows and rows[0]["state"] == "closed" else None
+        return _done(self.aio.closed_at(symbol))
 
     def position(self, position_id: int) -> Position | None:
-        rows = self._rows("SELECT * FROM positions WHERE id = ?", position_id)
-        return _position(rows[0]) if rows else None
-
-    # -- the exit journal -----------------------------------------------
+        return _done(self.aio.position(position_id))
 
     def journal_exit(self, exit: Exit, position: Position, wall: float) -> None:
-        """Record a decided exit and its position's move to exiting, durably, in one commit."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO exits (client_order_id, position_id, symbol, side, quantity, reason,"
-                " price_source, trigger_price, decided_at, state, attempts, detail, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    exit.client_order_id,
-                    exit.position_id,
-                    exit.symbol,
-                    exit.side.value,
-                    exit.quantity,
-                    exit.reason.value,
-                    exit.price_source.value,
-                    exit.trigger_price,
-                    exit.decided_at,
-                    exit.state.value,
-                    exit.attempts,
-                    exit.detail,
-                    wall,
-                ),
-            )
-            _event(db, exit, wall, None)
-            _save_position(db, position, wall)
+        return _done(self.aio.journal_exit(exit, position, wall))
 
     def update_exit(
         self,
@@ -450,206 +895,58 @@ class Store:
         reply: OrderReport | None = None,
         position: Position | None = None,
     ) -> None:
-        """Record an exit's new state (and its position's, when that changed) in one commit."""
-        pnl = exit.pnl(position.spec.entry_price) if position is not None else None
-        with self._tx() as db:
-            db.execute(
-                "UPDATE exits SET state = ?, quantity = ?, filled_quantity = ?, attempts = ?,"
-                " fill_price = ?, pnl = COALESCE(?, pnl), broker_order_id = ?, detail = ?,"
-                " updated_at = ? WHERE client_order_id = ?",
-                (
-                    exit.state.value,
-                    exit.quantity,
-                    exit.filled_quantity,
-                    exit.attempts,
-                    exit.fill_price,
-                    pnl,
-                    exit.broker_order_id,
-                    exit.detail,
-                    wall,
-                    exit.client_order_id,
-                ),
-            )
-            _event(db, exit, wall, reply)
-            if position is not None:
-                _save_position(db, position, wall)
+        return _done(self.aio.update_exit(exit, wall, reply, position))
 
     def unfinished_exits(self) -> list[Exit]:
-        placeholders = ", ".join("?" for s in ExitState if s.in_flight)
-        rows = self._rows(
-            f"SELECT * FROM exits WHERE state IN ({placeholders}) ORDER BY decided_at",
-            *(s.value for s in ExitState if s.in_flight),
-        )
-        return [_exit(row) for row in rows]
+        return _done(self.aio.unfinished_exits())
 
     def exits(self, limit: int = 1000) -> list[ExitRecord]:
-        rows = self._rows("SELECT * FROM exits ORDER BY decided_at DESC, rowid DESC LIMIT ?", limit)
-        return [ExitRecord(_exit(r), r["pnl"], r["updated_at"]) for r in rows]
+        return _done(self.aio.exits(limit))
 
     def exit_record(self, client_order_id: str) -> ExitRecord | None:
-        rows = self._rows("SELECT * FROM exits WHERE client_order_id = ?", client_order_id)
-        return ExitRecord(_exit(rows[0]), rows[0]["pnl"], rows[0]["updated_at"]) if rows else None
+        return _done(self.aio.exit_record(client_order_id))
 
     def exit_events(self, client_order_id: str) -> list[dict[str, object]]:
-        rows = self._rows(
-            "SELECT state, at, detail, reply FROM exit_events WHERE client_order_id = ? ORDER BY id",
-            client_order_id,
-        )
-        return [
-            {
-                "state": r["state"],
-                "at": r["at"],
-                "detail": r["detail"],
-                "reply": json.loads(r["reply"]) if r["reply"] else None,
-            }
-            for r in rows
-        ]
+        return _done(self.aio.exit_events(client_order_id))
 
     def close_external(
         self, position: Position, broker_quantity: float, detail: str, wall: float
     ) -> None:
-        """Journal a position closed outside tickguard (no order) and mark it closed, in one
-        commit. Once per position: a second call for it is an IntegrityError (StoreError)."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO external_closes (position_id, symbol, side, quantity, entry_price,"
-                " broker_quantity, detail, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    position.id,
-                    position.symbol,
-                    position.side.value,
-                    position.spec.quantity,
-                    position.spec.entry_price,
-                    broker_quantity,
-                    detail,
-                    wall,
-                ),
-            )
-            _save_position(db, position, wall)
+        return _done(self.aio.close_external(position, broker_quantity, detail, wall))
 
     def external_closes(self, limit: int = 1000) -> list[dict[str, object]]:
-        rows = self._rows("SELECT * FROM external_closes ORDER BY at DESC, id DESC LIMIT ?", limit)
-        return [dict(r) for r in rows]
-
-    # -- audit ----------------------------------------------------------
+        return _done(self.aio.external_closes(limit))
 
     def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
-        """Record a mutating call; the log keeps the newest KEEP_AUDIT entries."""
-        with self._tx() as db:
-            cursor = db.execute(
-                "INSERT INTO audit (at, action, detail) VALUES (?, ?, ?)",
-                (wall, action, json.dumps(detail, sort_keys=True, default=str)),
-            )
-            db.execute("DELETE FROM audit WHERE id <= ?", ((cursor.lastrowid or 0) - KEEP_AUDIT,))
+        return _done(self.aio.audit(action, detail, wall))
 
     def audit_log(self, limit: int = 100) -> list[dict[str, object]]:
-        rows = self._rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", limit)
-        return [
-            {"at": r["at"], "action": r["action"], "detail": json.loads(r["detail"])} for r in rows
-        ]
-
-    # -- paper broker fills ---------------------------------------------
+        return _done(self.aio.audit_log(limit))
 
     def record_paper_fill(
         self, report: OrderReport, symbol: str, transaction: str, quantity: float, wall: float
     ) -> None:
-        """Record an order the paper broker filled, and its trade on the paper account,
-        in one commit."""
-        with self._tx() as db:
-            assert report.fill_price is not None
-            _paper_trade(
-                db,
-                symbol,
-                transaction.lower(),
-                quantity,
-                report.fill_price,
-                report.client_order_id,
-                wall,
-            )
-            db.execute(
-                "INSERT INTO paper_fills (broker_order_id, client_order_id, symbol,"
-                " transaction_type, quantity, price, filled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    report.broker_order_id,
-                    report.client_order_id,
-                    symbol,
-                    transaction,
-                    quantity,
-                    report.fill_price,
-                    wall,
-                ),
-            )
+        return _done(self.aio.record_paper_fill(report, symbol, transaction, quantity, wall))
 
     def record_paper_trade(
         self, symbol: str, side: str, quantity: float, price: float, wall: float
     ) -> Holding | None:
-        """A trade on the paper account made outside tickguard; the net position after it."""
-        with self._tx() as db:
-            return _paper_trade(db, symbol, side, quantity, price, None, wall)
+        return _done(self.aio.record_paper_trade(symbol, side, quantity, price, wall))
 
     def paper_positions(self) -> list[Holding]:
-        """The paper account's open positions."""
-        rows = self._rows("SELECT * FROM paper_positions ORDER BY symbol")
-        return [Holding(r["symbol"], r["quantity"], r["average_price"]) for r in rows]
+        return _done(self.aio.paper_positions())
 
     def paper_position(self, symbol: str) -> Holding | None:
-        rows = self._rows("SELECT * FROM paper_positions WHERE symbol = ?", symbol)
-        return (
-            Holding(rows[0]["symbol"], rows[0]["quantity"], rows[0]["average_price"])
-            if rows
-            else None
-        )
+        return _done(self.aio.paper_position(symbol))
 
     def paper_fill(self, client_order_id: str) -> OrderReport | None:
-        """The first paper fill of a client order id."""
-        rows = self._rows(
-            "SELECT * FROM paper_fills WHERE client_order_id = ? ORDER BY rowid LIMIT 1",
-            client_order_id,
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return OrderReport(
-            row["client_order_id"],
-            row["broker_order_id"],
-            OrderStatus.FILLED,
-            row["price"],
-            filled_quantity=row["quantity"],
-        )
+        return _done(self.aio.paper_fill(client_order_id))
 
     def paper_fill_count(self, client_order_id: str | None = None) -> int:
-        if client_order_id is None:
-            row = self._db.execute("SELECT COUNT(*) FROM paper_fills").fetchone()
-        else:
-            row = self._db.execute(
-                "SELECT COUNT(*) FROM paper_fills WHERE client_order_id = ?", (client_order_id,)
-            ).fetchone()
-        return int(row[0])
-
-    # -- the safety net's stops (docs/safety-net.md) -------------------------
+        return _done(self.aio.paper_fill_count(client_order_id))
 
     def net_intent(self, position: Position, quantity: float, trigger: float, wall: float) -> int:
-        """Journal a stop about to be placed for `position` (durably, before the broker is
-        asked); its row id. PositionExists when the symbol has a live stop row already."""
-        try:
-            with self._tx() as db:
-                cursor = db.execute(
-                    "INSERT INTO safety_net_stops (position_id, symbol, side, quantity,"
-                    " trigger_price, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'placing', ?, ?)",
-                    (
-                        position.id,
-                        position.symbol,
-                        position.side.value,
-                        quantity,
-                        trigger,
-                        wall,
-                        wall,
-                    ),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise PositionExists(position.symbol) from exc
-        return int(cursor.lastrowid or 0)
+        return _done(self.aio.net_intent(position, quantity, trigger, wall))
 
     def net_update(
         self,
@@ -662,104 +959,51 @@ class Store:
         trigger: float | None = None,
         order_id: str | None = None,
     ) -> None:
-        """A stop's row after the broker answered: its state, and what changed."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE safety_net_stops SET state = ?, stop_id = COALESCE(?, stop_id),"
-                " quantity = COALESCE(?, quantity), trigger_price = COALESCE(?, trigger_price),"
-                " order_id = COALESCE(?, order_id), updated_at = ? WHERE id = ?",
-                (state, stop_id, quantity, trigger, order_id, wall, row),
+        return _done(
+            self.aio.net_update(
+                row,
+                state,
+                wall,
+                stop_id=stop_id,
+                quantity=quantity,
+                trigger=trigger,
+                order_id=order_id,
             )
+        )
 
     def net_live(self) -> list[NetRow]:
-        """The stops that may be live at the broker: placed, or being placed."""
-        rows = self._rows(
-            "SELECT * FROM safety_net_stops WHERE state IN ('placing', 'active') ORDER BY id"
-        )
-        return [_net_row(r) for r in rows]
+        return _done(self.aio.net_live())
 
     def net_rows(self, limit: int = 1000) -> list[NetRow]:
-        """Every stop's row, newest first."""
-        rows = self._rows("SELECT * FROM safety_net_stops ORDER BY id DESC LIMIT ?", limit)
-        return [_net_row(r) for r in rows]
-
-    # -- the paper broker's stops ----------------------------------------
+        return _done(self.aio.net_rows(limit))
 
     def paper_stop_place(
         self, symbol: str, side: Side, quantity: float, trigger: float, wall: float
     ) -> BrokerStop:
-        with self._tx() as db:
-            cursor = db.execute(
-                "INSERT INTO paper_stops (symbol, side, quantity, trigger_price, state,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, 'active', ?, ?)",
-                (symbol, side.value, quantity, trigger, wall, wall),
-            )
-        return BrokerStop(f"{PAPER_STOP_PREFIX}{cursor.lastrowid}", symbol, side, quantity, trigger)
+        return _done(self.aio.paper_stop_place(symbol, side, quantity, trigger, wall))
 
     def paper_stop(self, stop_id: str) -> BrokerStop | None:
-        rows = self._rows("SELECT * FROM paper_stops WHERE id = ?", _paper_stop_row(stop_id))
-        return _paper_stop(rows[0]) if rows else None
+        return _done(self.aio.paper_stop(stop_id))
 
-    def paper_stops(self, limit: int = 10_000) -> list[BrokerStop]:
-        """The paper broker's stops, active ones first, then the newest."""
-        rows = self._rows(
-            "SELECT * FROM paper_stops ORDER BY state != 'active', id DESC LIMIT ?", limit
-        )
-        return [_paper_stop(r) for r in rows]
+    def paper_stops(self, limit: int = 10000) -> list[BrokerStop]:
+        return _done(self.aio.paper_stops(limit))
 
     def paper_stop_change(
         self, stop_id: str, wall: float, *, quantity: float, trigger: float
     ) -> BrokerStop | None:
-        """Move an active paper stop; the stop after (unchanged unless it was active)."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE paper_stops SET quantity = ?, trigger_price = ?, updated_at = ?"
-                " WHERE id = ? AND state = 'active'",
-                (quantity, trigger, wall, _paper_stop_row(stop_id)),
-            )
-        return self.paper_stop(stop_id)
+        return _done(self.aio.paper_stop_change(stop_id, wall, quantity=quantity, trigger=trigger))
 
     def paper_stop_cancel(self, stop_id: str, wall: float) -> BrokerStop | None:
-        """Cancel an active paper stop; the stop after (unchanged unless it was active)."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE paper_stops SET state = 'cancelled', updated_at = ?"
-                " WHERE id = ? AND state = 'active'",
-                (wall, _paper_stop_row(stop_id)),
-            )
-        return self.paper_stop(stop_id)
+        return _done(self.aio.paper_stop_cancel(stop_id, wall))
 
     def paper_stop_fire(self, stop: BrokerStop, price: float, wall: float) -> None:
-        """An active paper stop fired: it trades its quantity at `price` on the paper
-        account, in the same commit as its state."""
-        with self._tx() as db:
-            changed = db.execute(
-                "UPDATE paper_stops SET state = 'triggered', fill_price = ?, updated_at = ?"
-                " WHERE id = ? AND state = 'active'",
-                (price, wall, _paper_stop_row(stop.stop_id)),
-            ).rowcount
-            if changed:
-                side = "sell" if stop.position_side is Side.LONG else "buy"
-                _paper_trade(db, stop.symbol, side, stop.quantity, price, None, wall)
-
-    # -- last-known-good addresses ---------------------------------------
+        return _done(self.aio.paper_stop_fire(stop, price, wall))
 
     def remember_addresses(self, host: str, addresses: list[str], wall: float) -> None:
-        """Keep the addresses `host` last resolved to (for when every resolver fails)."""
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO dns_cache (host, addresses, resolved_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (host) DO UPDATE SET addresses = excluded.addresses,"
-                " resolved_at = excluded.resolved_at",
-                (host, json.dumps(addresses), wall),
-            )
+        return _done(self.aio.remember_addresses(host, addresses, wall))
 
     def known_addresses(self, host: str) -> tuple[list[str], float] | None:
-        """The last-known-good addresses of `host` and when they were resolved."""
-        rows = self._rows("SELECT addresses, resolved_at FROM dns_cache WHERE host = ?", host)
-        if not rows:
-            return None
-        return [str(a) for a in json.loads(rows[0]["addresses"])], float(rows[0]["resolved_at"])
+        return _done(self.aio.known_addresses(host))
 
     # -- helpers --------------------------------------------------------
 
@@ -788,7 +1032,7 @@ class NetRow:
     order_id: str | None = None
 
 
-def _net_row(r: sqlite3.Row) -> NetRow:
+def _net_row(r: Row) -> NetRow:
     return NetRow(
         r["id"],
         r["position_id"],
@@ -812,7 +1056,7 @@ def _paper_stop_row(stop_id: str) -> int:
     return int(number) if stop_id.startswith(PAPER_STOP_PREFIX) and number.isdigit() else -1
 
 
-def _paper_stop(r: sqlite3.Row) -> BrokerStop:
+def _paper_stop(r: Row) -> BrokerStop:
     state = StopState(r["state"])
     return BrokerStop(
         f"{PAPER_STOP_PREFIX}{r['id']}",
@@ -848,8 +1092,8 @@ def _write_install_id(path: Path, install_id: str) -> None:
     tmp.replace(path)
 
 
-def _paper_trade(
-    db: sqlite3.Connection,
+async def _paper_trade(
+    sql: Sql,
     symbol: str,
     side: str,
     quantity: float,
@@ -858,20 +1102,20 @@ def _paper_trade(
     wall: float,
 ) -> Holding | None:
     """Record one paper trade and move the paper account's net position by it."""
-    db.execute(
+    await sql.run(
         "INSERT INTO paper_trades (symbol, side, quantity, price, client_order_id, at)"
         " VALUES (?, ?, ?, ?, ?, ?)",
         (symbol, side, quantity, price, client_order_id, wall),
     )
-    row = db.execute(
+    rows = await sql.rows(
         "SELECT quantity, average_price FROM paper_positions WHERE symbol = ?", (symbol,)
-    ).fetchone()
-    before = Holding(symbol, row[0], row[1]) if row else None
+    )
+    before = Holding(symbol, rows[0]["quantity"], rows[0]["average_price"]) if rows else None
     after = apply_trade(before, symbol, quantity if side == "buy" else -quantity, price)
     if after is None:
-        db.execute("DELETE FROM paper_positions WHERE symbol = ?", (symbol,))
+        await sql.run("DELETE FROM paper_positions WHERE symbol = ?", (symbol,))
     else:
-        db.execute(
+        await sql.run(
             "INSERT INTO paper_positions (symbol, quantity, average_price, updated_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (symbol) DO UPDATE SET quantity = excluded.quantity,"
             " average_price = excluded.average_price, updated_at = excluded.updated_at",
@@ -880,14 +1124,19 @@ def _paper_trade(
     return after
 
 
-def _statements(script: str) -> list[str]:
+def new_install_id() -> str:
+    """A random id for a new store (part of every client order id: docs/api.md)."""
+    return secrets.token_hex(3)
+
+
+def statements(script: str) -> list[str]:
     """Split a migration script into statements (no semicolons inside our statements)."""
     lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def _save_position(db: sqlite3.Connection, position: Position, wall: float) -> None:
-    db.execute(
+async def _save_position(sql: Sql, position: Position, wall: float) -> None:
+    await sql.run(
         "UPDATE positions SET state = ?, trail_anchor = ?, exit_seq = ?, exit_id = ?,"
         " quantity = ?, entry_price = ?, confirmed = ?, updated_at = ? WHERE id = ?",
         (
@@ -904,8 +1153,8 @@ def _save_position(db: sqlite3.Connection, position: Position, wall: float) -> N
     )
 
 
-def _event(db: sqlite3.Connection, exit: Exit, wall: float, reply: OrderReport | None) -> None:
-    db.execute(
+async def _event(sql: Sql, exit: Exit, wall: float, reply: OrderReport | None) -> None:
+    await sql.run(
         "INSERT INTO exit_events (client_order_id, state, at, detail, reply) VALUES (?, ?, ?, ?, ?)",
         (
             exit.client_order_id,
@@ -917,7 +1166,7 @@ def _event(db: sqlite3.Connection, exit: Exit, wall: float, reply: OrderReport |
     )
 
 
-def _position(row: sqlite3.Row) -> Position:
+def _position(row: Row) -> Position:
     spec = PositionSpec(
         symbol=row["symbol"],
         side=Side(row["side"]),
@@ -940,7 +1189,7 @@ def _position(row: sqlite3.Row) -> Position:
     )
 
 
-def _exit(row: sqlite3.Row) -> Exit:
+def _exit(row: Row) -> Exit:
     return Exit(
         client_order_id=row["client_order_id"],
         position_id=row["position_id"],

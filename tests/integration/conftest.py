@@ -9,7 +9,11 @@
 - `feed`: builds a FeedSupervisor (and optionally a FallbackPoller) with small
   intervals, recording prices and failures so tests await them;
 - `poll_server`: a REST price server (aiohttp) answering with a handler the test gives;
-- `eventually`: awaits a condition, polling it every 10 ms.
+- `eventually`: awaits a condition, polling it every 10 ms;
+- `pg_server`: one throw-away PostgreSQL server per session (pg_cluster.py: initdb and
+  pg_ctl on a free loopback port, as an unprivileged user when we are root), and
+  `pg_url`: a fresh database on it for each test. Without the server binaries these
+  tests skip; with TICKGUARD_SYSTEM_TESTS=require (CI) they fail instead.
 
 Tests run with `--import-mode=importlib`, so nothing here is imported by test
 modules: everything is reached through fixtures (annotations may import the
@@ -23,17 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
+import os
 import random
 import re
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import aiohttp
 import dns.exception
@@ -55,6 +62,9 @@ from tickguard.feed.poller import FallbackPoller
 from tickguard.feed.supervisor import FeedSupervisor
 from tickguard.metrics import Metrics
 from tickguard.store import Store
+
+if TYPE_CHECKING:
+    from pg_cluster import PgServer
 
 SIMULATOR_STARTUP = 20.0  # seconds a simulator subprocess may take to print its address
 STOP_TIMEOUT = 5.0  # seconds a cancelled feed task may take to end
@@ -775,3 +785,54 @@ async def poll_server() -> AsyncIterator[Callable[..., Awaitable[str]]]:
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# A throw-away PostgreSQL server
+
+REQUIRE_ENV = "TICKGUARD_SYSTEM_TESTS"  # "require" (CI): a missing server fails, not skips
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip with `reason`, or fail when the environment requires these tests to run."""
+    if os.environ.get(REQUIRE_ENV) == "require":
+        pytest.fail(f"{reason} ({REQUIRE_ENV}=require)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _pg_cluster() -> ModuleType:
+    """tests/integration/pg_cluster.py, loaded by path (tests import nothing by name)."""
+    name = "tickguard_test_pg_cluster"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("pg_cluster.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server of our own on 127.0.0.1 (`.url`, `.port`, `.bin_dir`,
+    `new_database()`, `stop()`/`start()`, `terminate(pid)`), removed after the session."""
+    pg_cluster = _pg_cluster()
+    try:
+        server: PgServer = pg_cluster.PgServer.create()
+    except pg_cluster.PgUnavailable as exc:
+        unavailable(exc.reason)
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A database of its own for this test, on the session's server (restarted if a test
+    stopped it)."""
+    if not pg_server.running():
+        pg_server.start()
+    return pg_server.new_database()
