@@ -158,6 +158,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         scheme, _, value = given.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        ha = request.app[PORT].latest().ha
+        if ha is not None and ha.standby:  # docs/ha.md: only the leader acts
+            leader = f"{ha.leader} leads" if ha.leader else "the leader is not known yet"
+            raise ApiError(
+                503,
+                "standby",
+                f"this instance is a standby ({ha.role}); {leader}",
+                leader=ha.leader,
+            )
     return await handler(request)
 
 
@@ -296,6 +305,20 @@ def health(s: Snapshot, now: float) -> dict[str, Any]:
             "retrying": s.exits.retrying,
         },
         "safety_net": _safety_net(s),
+        "ha": _ha(s),
+    }
+
+
+def _ha(s: Snapshot) -> dict[str, Any] | None:
+    """docs/ha.md: null for a lone instance (SQLite); else who leads, as this one sees it."""
+    if s.ha is None:
+        return None
+    return {
+        "role": s.ha.role,
+        "instance": s.ha.me,
+        "leader": s.ha.leader,
+        "epoch": s.ha.epoch,
+        "changes": s.ha.changes,
     }
 
 
@@ -364,6 +387,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     port = request.app[PORT]
     s = await port.snapshot()
+    if s.ha is not None and s.ha.standby:  # docs/ha.md: ready means guarding
+        leader = f"{s.ha.leader} leads" if s.ha.leader else "no leader known"
+        return json_response(
+            {"status": "standby", "reasons": ["standby", leader], "leader": s.ha.leader},
+            status=503,
+        )
     reasons = []
     for q in s.guarded_quotes(port.now()):
         if not q.usable:
@@ -491,9 +520,12 @@ async def list_positions(request: web.Request) -> web.Response:
     state = request.query.get("state", "active")
     if state not in ("active", "all"):
         raise ApiError(400, "bad_request", f"state: {state!r} is invalid; expected all")
-    rows = await port.positions() if state == "all" else None
     s = await port.snapshot()
-    if rows is None:
+    if state == "all":
+        rows = await port.positions()
+    elif s.ha is not None and s.ha.standby:  # guarding nothing: the shared store's (docs/ha.md)
+        rows = [p for p in await port.positions() if p.state is not PositionState.CLOSED]
+    else:
         rows = sorted(s.guard.positions.values(), key=lambda p: p.id)
     now = port.now()
     return json_response({"positions": [position_json(p, s, now) for p in rows]})

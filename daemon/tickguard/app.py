@@ -14,6 +14,7 @@ restarts it: positions are never left unguarded silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import random
@@ -37,6 +38,7 @@ from tickguard.core.backoff import Exponential
 from tickguard.core.guard import Guard
 from tickguard.core.market import MarketCalendar
 from tickguard.core.prices import PriceBook
+from tickguard.errors import StoreError
 from tickguard.executor import DEFAULT_ORDER_TIMEOUT, ExitExecutor
 from tickguard.feed.dns import AiohttpResolver, ResolverChain
 from tickguard.feed.json_protocol import JsonProtocol
@@ -48,11 +50,13 @@ from tickguard.feed.upstox import UpstoxProtocol, authorize
 from tickguard.feed.upstox import poll_source as upstox_poll_source
 from tickguard.guard_loop import GuardLoop
 from tickguard.http_server import ApiServer
+from tickguard.leader import Leadership
 from tickguard.metrics import AgeCollector, Metrics
-from tickguard.reconciler import Reconciler
+from tickguard.reconciler import FETCH_TIMEOUT, Reconciler
 from tickguard.safety_net import SafetyNet
 from tickguard.status import Snapshot
-from tickguard.store import Store
+from tickguard.store import AsyncStore, Store
+from tickguard.store_pg import PostgresStore
 from tickguard.systemd import Notifier, measure_lag
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,8 @@ class Daemon:
     """The parts, for `serve` and for tests. Built only by `build`; the API sees only `port`."""
 
     config: Config
-    store: Store
+    store: Store | None  # the SQLite store (None: the state is in a shared PostgreSQL store)
+    state: AsyncStore  # the store of either kind, awaited by the daemon's parts
     metrics: Metrics
     book: PriceBook
     guard: Guard
@@ -83,6 +88,7 @@ class Daemon:
     poller: FallbackPoller | None
     reconciler: Reconciler
     safety_net: SafetyNet | None
+    leadership: Leadership | None  # None: a lone instance, which always guards
     session: aiohttp.ClientSession
     notifier: Notifier
     port: GuardPort
@@ -94,8 +100,17 @@ class Daemon:
 
 
 async def build(config: Config) -> Daemon:
-    """Build every part from the config (nothing runs yet)."""
-    store = Store.in_dir(config.daemon.state_dir)
+    """Build every part from the config (nothing runs yet). StoreError when the store
+    cannot be opened (a shared one: unreachable, or newer than this tickguard)."""
+    store: Store | None = None
+    shared: PostgresStore | None = None
+    if config.store.shared:  # docs/ha.md
+        shared = await PostgresStore.open(config.store.url)
+        shared.fence()  # a write commits only while this instance leads (docs/ha.md)
+        state: AsyncStore = shared
+    else:
+        store = Store.in_dir(config.daemon.state_dir)
+        state = store.aio
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
@@ -107,14 +122,14 @@ async def build(config: Config) -> Daemon:
         book,
         blind_policy=config.guard.blind_policy,
         blind_after=config.guard.blind_after,
-        install_id=store.install_id,
+        install_id=state.install_id,
     )
 
     def last_price(symbol: str) -> float | None:
         price = book.get(symbol)
         return price.value if price is not None else None
 
-    resolver = ResolverChain(config.dns, store, metrics)
+    resolver = ResolverChain(config.dns, state, metrics)
     # One HTTP client for the poll and the brokers, resolving through the DNS chain.
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(resolver=AiohttpResolver(resolver)),
@@ -136,12 +151,13 @@ async def build(config: Config) -> Daemon:
             products=config.account.products,
         )
     else:
+        assert store is not None  # the config refuses the paper broker with a shared store
         broker = PaperBroker(store, last_price)
-    executor = ExitExecutor(guard, store, broker)
+    executor = ExitExecutor(guard, state, broker)
     m = config.market
     market = MarketCalendar(m.zone(), m.sessions, m.weekdays, m.holidays, m.always_open)
     guard_loop = GuardLoop(
-        guard, store, executor, metrics, market, sweep_interval=config.guard.sweep_interval
+        guard, state, executor, metrics, market, sweep_interval=config.guard.sweep_interval
     )
     executor.listener = guard_loop.on_exit
     executor.on_first_send = guard_loop.on_sent
@@ -153,10 +169,13 @@ async def build(config: Config) -> Daemon:
     )  # docs/account.md: no exit larger than the account holds
     safety_net = None
     if config.safety_net.enabled:  # docs/safety-net.md
-        safety_net = SafetyNet(broker, guard, store, metrics, config.safety_net.margin_pct)
+        safety_net = SafetyNet(broker, guard, state, metrics, config.safety_net.margin_pct)
         safety_net.on_fired = reconciler.trigger
         executor.disarm = safety_net.disarm
     metrics.safety_net_enabled.set(1 if safety_net is not None else 0)
+    leadership = Leadership(shared, metrics) if shared is not None else None
+    guard_loop.guarding = leadership is None  # a standby guards nothing until it takes over
+    metrics.leader.set(1 if leadership is None else 0)
 
     def subscriptions() -> set[str]:
         """What the feed subscribes: config symbols plus guarded ones."""
@@ -213,6 +232,7 @@ async def build(config: Config) -> Daemon:
             poll=poller.status() if poller is not None else None,
             account=reconciler.status(),
             safety_net=safety_net.status() if safety_net is not None else None,
+            ha=leadership.status() if leadership is not None else None,
         )
 
     port = GuardPort(
@@ -220,7 +240,7 @@ async def build(config: Config) -> Daemon:
         guard_loop=guard_loop,
         guard=guard,
         executor=executor,
-        store=store,
+        store=state,
         broker=broker,
         subscribe=supervisor.subscribe_more,
         account_changed=reconciler.trigger,
@@ -231,6 +251,7 @@ async def build(config: Config) -> Daemon:
     return Daemon(
         config=config,
         store=store,
+        state=state,
         metrics=metrics,
         book=book,
         guard=guard,
@@ -243,6 +264,7 @@ async def build(config: Config) -> Daemon:
         poller=poller,
         reconciler=reconciler,
         safety_net=safety_net,
+        leadership=leadership,
         session=session,
         notifier=Notifier(),
         port=port,
@@ -282,20 +304,22 @@ async def serve(daemon: Daemon, *, stop: asyncio.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await daemon.session.close()
-        if daemon.store.salvage():  # its file vanished under us: nothing of it is lost
-            log.critical(
-                "[GUARD] the state store was deleted while running; written back to %s",
-                daemon.store.path,
-            )
-        daemon.store.close()
+        if daemon.store is not None:
+            if daemon.store.salvage():  # its file vanished under us: nothing of it is lost
+                log.critical(
+                    "[GUARD] the state store was deleted while running; written back to %s",
+                    daemon.store.path,
+                )
+            daemon.store.close()
+        elif isinstance(daemon.state, PostgresStore):
+            await daemon.state.close()
         daemon.notifier.close()
 
 
 async def _serve(d: Daemon, stop: asyncio.Event) -> int:
-    if d.safety_net is not None:
-        d.safety_net.load()  # before an exit resumed by recover() can disarm
-    d.guard_loop.recover(d.config.positions, rearm=d.rearm)
-    d.guard_loop.sweep()  # the guard loop has run once before READY
+    if d.leadership is None:  # a lone instance guards from the start
+        await _load(d, settle=0.0)
+    await d.guard_loop.sweep()  # the guard loop has run once before READY
     host, port = d.config.http.host, d.config.http.port
     # Connection, time and log bounds of the API: see tickguard.http_server.
     app = build_app(d.port, d.metrics.registry)
@@ -316,7 +340,7 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
         _keep_running(
             d,
             "watchdog",
-            lambda: d.notifier.watchdog(lambda: d.guard_loop.sweeps, d.metrics),
+            lambda: d.notifier.watchdog(lambda: _progress(d), d.metrics),
             failed,
         ),
         _keep_running(d, "lag", lambda: measure_lag(d.metrics), failed),
@@ -324,15 +348,25 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     ]
     if d.poller is not None:
         d.tasks.append(_keep_running(d, "poll", d.poller.run, failed))
-    d.tasks.append(_keep_running(d, "account", d.reconciler.run, failed))
-    if d.safety_net is not None:
-        d.tasks.append(_keep_running(d, "safety_net", d.safety_net.run, failed))
+    if d.leadership is None:
+        _start_guarding(d, failed)
+    else:  # docs/ha.md: stand by (feed connected, prices warm) until the lead is free
+        d.tasks.append(asyncio.create_task(_lead(d, failed), name="ha"))
     # Everything built so far lives as long as the process: out of the collector's sight
     # (gc.freeze), a full collection looks only at what was made since. Before, one took
     # 30-150 ms of the guard loop every few minutes under load, all at once (docs/benchmarks.md).
     gc.freeze()
     d.notifier.ready(d.snapshot().status_line(d.monotonic()))
-    log.info("tickguard %s running: %d positions guarded", __version__, len(d.guard.positions()))
+    if d.leadership is None:
+        log.info(
+            "tickguard %s running: %d positions guarded", __version__, len(d.guard.positions())
+        )
+    else:
+        log.info(
+            "tickguard %s running as %s: standing by until it leads (docs/ha.md)",
+            __version__,
+            d.leadership.me,
+        )
     stopper = asyncio.create_task(stop.wait())
     crashed = asyncio.create_task(failed.wait())
     await asyncio.wait([stopper, crashed], return_when=asyncio.FIRST_COMPLETED)
@@ -348,9 +382,54 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
         task.cancel()
     await asyncio.gather(*d.tasks, return_exceptions=True)
     await d.executor.cancel_all()
-    d.guard_loop.save_all()
+    if d.guard_loop.guarding:
+        with contextlib.suppress(StoreError):  # a lost lead: the store refuses, as it should
+            await d.guard_loop.save_all()
     gc.unfreeze()  # a process that runs daemons in turn (the tests) collects each one whole
     return code
+
+
+async def _load(d: Daemon, *, settle: float) -> None:
+    """Take up the store's positions and the exits in flight (each looked up before any
+    send; not before `settle` since its last journal write), then the config's positions."""
+    if d.safety_net is not None:
+        await d.safety_net.load()  # before an exit resumed by recover() can disarm
+    await d.guard_loop.recover(d.config.positions, rearm=d.rearm, settle=settle)
+
+
+def _start_guarding(d: Daemon, failed: asyncio.Event) -> None:
+    """The tasks only the instance that guards runs: the account and the safety net."""
+    d.tasks.append(_keep_running(d, "account", d.reconciler.run, failed))
+    if d.safety_net is not None:
+        d.tasks.append(_keep_running(d, "safety_net", d.safety_net.run, failed))
+
+
+async def _lead(d: Daemon, failed: asyncio.Event) -> None:
+    """Stand by, take over when the lead is free (docs/ha.md), lead; when the lead is lost
+    (or the shared store cannot be reached), stop the daemon: exit 1, nothing more sent."""
+    assert d.leadership is not None
+
+    async def take_over() -> None:
+        # 1. positions and the journal; 2. every exit in flight looked up by client order
+        # id (once the previous leader's order, if any, can no longer be on its way);
+        # 3. the account reconciled (SPEC 8); 4. then guard.
+        await _load(d, settle=d.config.store.takeover_settle)
+        await d.reconciler.reconcile(FETCH_TIMEOUT)
+        d.guard_loop.guarding = True
+        await d.guard_loop.sweep()
+        _start_guarding(d, failed)
+
+    try:
+        await d.leadership.run(take_over)
+    except Exception:
+        log.exception("[HA] leadership failed")
+    failed.set()
+
+
+def _progress(d: Daemon) -> int:
+    """What the watchdog sees move: the guard loop's sweeps, and a standby's tries."""
+    tries = d.leadership.tries if d.leadership is not None else 0
+    return d.guard_loop.sweeps + tries
 
 
 def _keep_running(

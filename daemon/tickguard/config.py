@@ -6,7 +6,8 @@ value and what was expected. Unknown keys are problems too. Every default is
 written once, in `DEFAULTS`, shaped like the TOML file; the parser takes each
 key's default from it by its dotted key (`default`), and
 `packaging/config.example.toml` is tested to parse to exactly them.
-`[account]` and `[[rules]]` are docs/account.md's; `[safety_net]` is docs/safety-net.md's.
+`[account]` and `[[rules]]` are docs/account.md's; `[safety_net]` is docs/safety-net.md's;
+`[store]` is docs/ha.md's.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ DEFAULTS: Final[Mapping[str, object]] = _frozen(
             "products": ("I", "D", "MTF"),
         },
         "safety_net": {"enabled": False, "margin_pct": 1.0},
+        "store": {"url": "", "takeover_settle": 12.0},  # "": SQLite in daemon.state_dir
     }
 )
 
@@ -263,6 +265,21 @@ class SafetyNetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where the state lives (docs/ha.md): "" SQLite in daemon.state_dir; a postgresql:// URL
+    a store shared by two or more instances, one of them leading."""
+
+    url: str
+    # A new leader looks an exit in flight up only this long after its last journal write:
+    # the previous leader's order for it may still be on its way (at least the order timeout).
+    takeover_settle: float = 12.0
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig
     http: HttpConfig
@@ -275,6 +292,7 @@ class Config:
     upstox: UpstoxConfig
     account: AccountConfig
     safety_net: SafetyNetConfig
+    store: StoreConfig
     positions: tuple[PositionSpec, ...] = ()
     rules: tuple[ExitRule, ...] = ()  # for positions imported from the broker; first match wins
 
@@ -380,11 +398,13 @@ def parse_config(data: Mapping[str, object], *, env: Mapping[str, str] | None = 
         upstox=_upstox(root.table("upstox"), env),
         account=_account(root.table("account")),
         safety_net=_safety_net(root.table("safety_net")),
+        store=_store(root.table("store")),
         positions=_positions(root),
         rules=_rules(root),
     )
     _check_upstox_token(root, config)
     _check_broker_source_has_rules(root, config)
+    _check_shared_store_broker(root, config)
     root.finish()
     if problems:
         raise ConfigError(problems)
@@ -946,6 +966,53 @@ def _safety_net(t: _Table) -> SafetyNetConfig:
         enabled=_bool(t, "enabled"),
         margin_pct=_number(t, "margin_pct", "a percentage > 0 and below 50", lambda x: 0 < x < 50),
     )
+
+
+STORE_SCHEMES = ("postgresql", "postgres")
+
+
+def _store(t: _Table) -> StoreConfig:
+    expected = '"" (SQLite in daemon.state_dir) or a postgresql://USER@HOST[:PORT]/DATABASE URL'
+    settle = _seconds_or_zero(t, "takeover_settle")
+    value = t.get("url")
+    if not isinstance(value, str):
+        t.problem("url", value, expected)
+        return StoreConfig(t.default("url", str), settle)
+    if not value:
+        return StoreConfig("", settle)
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in STORE_SCHEMES and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a bad port
+        valid = False
+    if not valid:
+        t.problem("url", _without_password(value), expected)
+        return StoreConfig("", settle)
+    return StoreConfig(value, settle)
+
+
+def _without_password(url: str) -> str:
+    """A URL as it may be shown: a password in it (never logged) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return url.split("@", 1)[-1] if "@" in url else url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _check_shared_store_broker(root: _Table, config: Config) -> None:
+    """The paper broker's account lives in one process: instances sharing a store cannot
+    share it, and a takeover would find another account."""
+    if config.store.shared and config.broker.kind == "paper" and root.ok("broker"):
+        root.problem(
+            "broker.kind",
+            "paper",
+            "a broker the instances sharing store.url can all reach (upstox); the paper"
+            " account lives inside one process",
+        )
 
 
 def _upstox_product(text: str) -> str:

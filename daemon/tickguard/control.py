@@ -44,7 +44,7 @@ from tickguard.port import (
     PositionExiting,
 )
 from tickguard.status import Snapshot
-from tickguard.store import Store
+from tickguard.store import AsyncStore, Store, as_async
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ class GuardPort:
         guard_loop: GuardLoop,
         guard: Guard,
         executor: ExitExecutor,
-        store: Store,
+        store: Store | AsyncStore,
         broker: Broker,
         subscribe: Callable[[], Coroutine[Any, Any, None]],
         account_changed: Callable[[], None],
@@ -75,7 +75,7 @@ class GuardPort:
         self._guard_loop = guard_loop
         self._guard = guard
         self._executor = executor
-        self._store = store
+        self._store = as_async(store)
         self._broker = broker
         self._subscribe = subscribe
         self._account_changed = account_changed
@@ -139,7 +139,7 @@ class GuardPort:
 
     async def _close(self, symbol: str, reason: ExitReason, remote: str | None) -> Closing:
         detail = {"symbol": symbol, "reason": reason.value, "remote": remote}
-        self._guard_loop.audit("emergency_close", detail)
+        await self._guard_loop.audit("emergency_close", detail)
         return await self._close_one(symbol, reason)
 
     async def close_all(self, reason: ExitReason, remote: str | None) -> list[Closing]:
@@ -148,13 +148,13 @@ class GuardPort:
     async def _close_all(self, reason: ExitReason, remote: str | None) -> list[Closing]:
         symbols = [p.symbol for p in self._guard.positions() if p.state is PositionState.OPEN]
         detail = {"symbols": symbols, "reason": reason.value, "remote": remote}
-        self._guard_loop.audit("emergency_close_all", detail)
+        await self._guard_loop.audit("emergency_close_all", detail)
         return list(await asyncio.gather(*(self._close_one(s, reason) for s in symbols)))
 
     async def _close_one(self, symbol: str, reason: ExitReason) -> Closing:
         position = self._guard.position(symbol)
         if position is None:
-            latest = self._store.latest_position(symbol)
+            latest = await self._store.latest_position(symbol)
             raise NoPosition(symbol, latest.state if latest is not None else None)
         if position.state is PositionState.EXITING:
             raise PositionExiting(symbol)
@@ -173,7 +173,7 @@ class GuardPort:
     async def _add(self, spec: PositionSpec, remote: str | None) -> Position:
         if self._guard.position(spec.symbol) is not None:
             raise PositionExists(spec.symbol)
-        position = self._guard_loop.add(spec, source=f"api {remote}")
+        position = await self._guard_loop.add(spec, source=f"api {remote}")
         await self._subscribe()
         return position
 
@@ -186,14 +186,14 @@ class GuardPort:
             raise NoPosition(symbol)
         if position.state is PositionState.EXITING:
             raise PositionExiting(symbol)
-        return self._guard_loop.remove(symbol, source=f"api {remote}")
+        return await self._guard_loop.remove(symbol, source=f"api {remote}")
 
     async def positions(self) -> list[Position]:
         return await self._act("journal reads", MAX_QUEUED_READS, self._positions())
 
     async def _positions(self) -> list[Position]:
         guarded = {p.id: p for p in self._guard.positions()}
-        return [guarded.get(p.id, p) for p in self._store.positions(active_only=False)]
+        return [guarded.get(p.id, p) for p in await self._store.positions(active_only=False)]
 
     async def journal(self) -> Journal:
         return await self._act("journal reads", MAX_QUEUED_READS, self._journal())
@@ -207,15 +207,20 @@ class GuardPort:
                 detail=str(row["detail"]),
                 at=float(row["at"]),  # type: ignore[arg-type]
             )
-            for row in self._store.external_closes()
+            for row in await self._store.external_closes()
         ]
-        exits = [(r, self._guard.exit(r.exit.client_order_id) or r.exit) for r in self._store.exits()]
+        exits = [
+            (r, self._guard.exit(r.exit.client_order_id) or r.exit)
+            for r in await self._store.exits()
+        ]
         return Journal(exits, external)
 
     async def paper_trade(
         self, symbol: str, side: str, quantity: float, price: float | None
     ) -> Holding | None:
-        return await self._act("changes", MAX_QUEUED, self._paper_trade(symbol, side, quantity, price))
+        return await self._act(
+            "changes", MAX_QUEUED, self._paper_trade(symbol, side, quantity, price)
+        )
 
     async def _paper_trade(
         self, symbol: str, side: str, quantity: float, price: float | None
@@ -224,7 +229,7 @@ class GuardPort:
         if not isinstance(broker, PaperBroker):
             raise NotPaper("paper trades exist only with broker.kind = paper")
         detail = {"symbol": symbol, "side": side, "quantity": quantity, "price": price}
-        self._guard_loop.audit("paper_trade", detail)
+        await self._guard_loop.audit("paper_trade", detail)
         after = broker.trade(symbol, side, quantity, price)  # BrokerRejected: no price
         self._account_changed()
         return after

@@ -20,9 +20,9 @@ from tickguard.core.guard import ExitDecided, Guard
 from tickguard.core.orders import ExitOrder, OrderReport, OrderStatus
 from tickguard.core.positions import Position, PositionState
 from tickguard.core.safety_net import Disarm
-from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable
+from tickguard.errors import BrokerError, BrokerRejected, BrokerUnavailable, StoreError
 from tickguard.status import ExecutorStatus
-from tickguard.store import Store
+from tickguard.store import AsyncStore, Store, as_async, run_now
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ExitExecutor:
     def __init__(
         self,
         guard: Guard,
-        store: Store,
+        store: Store | AsyncStore,
         broker: Broker,
         *,
         order_timeout: float = DEFAULT_ORDER_TIMEOUT,
@@ -56,7 +56,7 @@ class ExitExecutor:
         listener: Listener | None = None,
     ) -> None:
         self.guard = guard
-        self.store = store
+        self.store = as_async(store)
         self.broker = broker
         self.order_timeout = order_timeout
         self._monotonic = monotonic
@@ -70,24 +70,43 @@ class ExitExecutor:
         # Cancels the position's broker-held stop before each send (docs/safety-net.md);
         # bounded in time, never raises. FIRED: that stop fired, nothing is sent.
         self.disarm: Callable[[Exit], Awaitable[Disarm]] | None = None
+        # Told when a decided exit cannot be journalled: it is never sent, and guarding can no
+        # longer be trusted (the guard loop's fatal event: exit 1, systemd restarts us).
+        self.on_journal_failure: Callable[[Exit, StoreError], None] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._first: dict[str, asyncio.Future[Exit]] = {}
 
     def submit(self, decided: ExitDecided) -> None:
-        """Journal a new exit (durably), then start sending it."""
-        self.store.journal_exit(decided.exit, decided.position, self._wall())
-        self._start(decided.exit.client_order_id, lookup_first=False)
+        """Journal a new exit (durably), then start sending it.
 
-    def resume(self, client_order_id: str) -> None:
-        """Continue an exit recovered from the journal: look it up before any send."""
-        self._start(client_order_id, lookup_first=True)
+        On SQLite the journal is written before this returns (StoreError if it cannot
+        be: nothing is sent); a store that must be awaited (PostgreSQL) is written by
+        the exit's task, before anything else it does (`on_journal_failure` if not)."""
+        cid = decided.exit.client_order_id
+        if self.store.immediate:
+            run_now(self.store.journal_exit(decided.exit, decided.position, self._wall()))
+            self._start(cid, lookup_first=False)
+        else:
+            self._start(cid, lookup_first=False, journal=decided)
 
-    def _start(self, client_order_id: str, lookup_first: bool) -> None:
+    def resume(self, client_order_id: str, after: float = 0.0) -> None:
+        """Continue an exit recovered from the journal: look it up (`after` seconds from now)
+        before any send."""
+        self._start(client_order_id, lookup_first=True, after=after)
+
+    def _start(
+        self,
+        client_order_id: str,
+        lookup_first: bool,
+        journal: ExitDecided | None = None,
+        after: float = 0.0,
+    ) -> None:
         if client_order_id in self._tasks:
             return
         self._first[client_order_id] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(
-            self._drive(client_order_id, lookup_first), name=f"exit {client_order_id}"
+            self._drive(client_order_id, lookup_first, journal, after),
+            name=f"exit {client_order_id}",
         )
         self._tasks[client_order_id] = task
         task.add_done_callback(lambda t: self._done(client_order_id, t))
@@ -112,7 +131,7 @@ class ExitExecutor:
             exit = self.guard.exit(client_order_id)
             if exit is not None:
                 return exit
-            record = self.store.exit_record(client_order_id)
+            record = await self.store.exit_record(client_order_id)
             if record is None:
                 raise KeyError(client_order_id)
             return record.exit
@@ -139,12 +158,28 @@ class ExitExecutor:
 
     # -- the driver -----------------------------------------------------
 
-    async def _drive(self, cid: str, lookup: bool) -> None:
+    async def _drive(
+        self, cid: str, lookup: bool, journal: ExitDecided | None, after: float
+    ) -> None:
+        if after > 0:
+            await asyncio.sleep(after)
         exit = self._exit(cid)
+        if journal is not None:  # a new exit: durable before anything is sent
+            try:
+                await self.store.journal_exit(journal.exit, journal.position, self._wall())
+            except StoreError as exc:
+                # Never send an exit the journal does not hold: after a restart it would
+                # not be reconciled.
+                log.critical(
+                    "[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc
+                )
+                if self.on_journal_failure is not None:
+                    self.on_journal_failure(exit, exc)
+                return
         if lookup:  # resumed after a crash (of the process or of a driver)
             resumed = self.guard.exit_recovered(cid)
             if resumed != exit:
-                self.store.update_exit(resumed, self._wall())
+                await self.store.update_exit(resumed, self._wall())
         elif self._checkpoint is not None:
             await self._checkpoint("journalled", exit)
         acknowledged = False  # the broker answered a send of this exit with an order
@@ -157,12 +192,14 @@ class ExitExecutor:
                     async with asyncio.timeout(self.order_timeout):  # not wait_for (see feed)
                         report = await self.broker.find_order(cid)
                 except (BrokerError, TimeoutError) as exc:  # a refused lookup proves nothing
-                    self._unavailable(cid, f"lookup failed: {_why(exc)}")
+                    await self._unavailable(cid, f"lookup failed: {_why(exc)}")
                     continue
                 if report is None and acknowledged:
                     # It told us it holds the order: a lookup that cannot see it
                     # is lagging, not proof that it is gone. Never resend then.
-                    self._unavailable(cid, "the broker acknowledged the order; lookup finds none")
+                    await self._unavailable(
+                        cid, "the broker acknowledged the order; lookup finds none"
+                    )
                     continue
                 if report is None:
                     lookup = False  # the broker has no such order: send it
@@ -170,23 +207,23 @@ class ExitExecutor:
                     await asyncio.sleep(WORKING_POLL_INTERVAL)
                     continue
                 else:
-                    self._settle(cid, report, None)
+                    await self._settle(cid, report, None)
                     return
             if self.disarm is not None and await self.disarm(exit) is Disarm.FIRED:
-                self._cancelled(cid, "the broker-held stop fired first: nothing sent")
+                await self._cancelled(cid, "the broker-held stop fired first: nothing sent")
                 return
             if self.sizer is not None:  # docs/account.md: never more than the account holds
                 allowed = min(exit.quantity, await self.sizer(exit))
                 if allowed <= 0:
-                    self._cancelled(
+                    await self._cancelled(
                         cid, f"the account holds no {exit.side.value} {exit.symbol}: nothing sent"
                     )
                     return
                 if allowed < exit.quantity:
                     exit, position = self.guard.exit_resized(cid, allowed)
-                    self.store.update_exit(exit, self._wall(), None, position)
+                    await self.store.update_exit(exit, self._wall(), None, position)
             exit = self.guard.exit_sending(cid)
-            self.store.update_exit(exit, self._wall())
+            await self.store.update_exit(exit, self._wall())
             if exit.attempts == 1 and self.on_first_send is not None:
                 self.on_first_send(exit)
             if self._checkpoint is not None:
@@ -196,10 +233,10 @@ class ExitExecutor:
                 async with asyncio.timeout(self.order_timeout):
                     report = await self.broker.place_exit(_order(exit))
             except BrokerRejected as exc:
-                self._rejected(cid, exc.detail, None, self._monotonic() - started)
+                await self._rejected(cid, exc.detail, None, self._monotonic() - started)
                 return
             except (BrokerUnavailable, TimeoutError) as exc:
-                self._unavailable(cid, _why(exc))
+                await self._unavailable(cid, _why(exc))
                 if self._checkpoint is not None:
                     await self._checkpoint("retrying", self._exit(cid))
                 lookup = True
@@ -211,7 +248,7 @@ class ExitExecutor:
                 acknowledged = True
                 lookup = True
                 continue
-            self._settle(cid, report, elapsed)
+            await self._settle(cid, report, elapsed)
             return
 
     def _exit(self, cid: str) -> Exit:
@@ -220,15 +257,15 @@ class ExitExecutor:
             raise KeyError(f"exit {cid} is not in flight")
         return exit
 
-    def _settle(self, cid: str, report: OrderReport, elapsed: float | None) -> None:
+    async def _settle(self, cid: str, report: OrderReport, elapsed: float | None) -> None:
         if report.status is OrderStatus.REJECTED:
-            self._rejected(cid, report.detail or "rejected", report, elapsed)
+            await self._rejected(cid, report.detail or "rejected", report, elapsed)
             return
         assert report.fill_price is not None
         exit, position = self.guard.exit_filled(
             cid, report.fill_price, report.broker_order_id, report.filled_quantity
         )
-        self.store.update_exit(exit, self._wall(), report, position)
+        await self.store.update_exit(exit, self._wall(), report, position)
         if position.state is PositionState.CLOSED:
             log.info(
                 "[EXIT] %s closed at %.2f, pnl %.2f (%s, %s)",
@@ -249,11 +286,11 @@ class ExitExecutor:
             )
         self._resolve(exit, position, elapsed)
 
-    def _rejected(
+    async def _rejected(
         self, cid: str, detail: str, report: OrderReport | None, elapsed: float | None
     ) -> None:
         exit, position = self.guard.exit_rejected(cid, detail, self._monotonic())
-        self.store.update_exit(exit, self._wall(), report, position)
+        await self.store.update_exit(exit, self._wall(), report, position)
         log.error(
             "[EXIT] %s exit %s refused by the broker: %s; the position stays guarded",
             exit.symbol,
@@ -262,16 +299,16 @@ class ExitExecutor:
         )
         self._resolve(exit, position, elapsed)
 
-    def _cancelled(self, cid: str, detail: str) -> None:
+    async def _cancelled(self, cid: str, detail: str) -> None:
         """Not sent, and never will be: reconciliation decides what the position is now."""
         exit, position = self.guard.exit_cancelled(cid, detail, self._monotonic())
-        self.store.update_exit(exit, self._wall(), None, position)
+        await self.store.update_exit(exit, self._wall(), None, position)
         log.warning("[EXIT] %s exit %s: %s", exit.symbol, cid, detail)
         self._resolve(exit, position, None)
 
-    def _unavailable(self, cid: str, detail: str) -> None:
+    async def _unavailable(self, cid: str, detail: str) -> None:
         exit = self.guard.exit_unavailable(cid, detail, self._monotonic())
-        self.store.update_exit(exit, self._wall())
+        await self.store.update_exit(exit, self._wall())
         log.warning(
             "[EXIT] %s exit %s: %s; retrying in %.1fs with the same order id",
             exit.symbol,
@@ -301,14 +338,22 @@ def _why(exc: BaseException) -> str:
     return exc.detail if isinstance(exc, BrokerError) else str(exc)
 
 
-def recover(guard: Guard, store: Store, executor: ExitExecutor, now: float) -> list[Position]:
-    """Load active positions and resume their unfinished exits (lookup before any send)."""
-    exits = {e.client_order_id: e for e in store.unfinished_exits()}
-    positions = store.positions()
+async def recover(
+    guard: Guard, store: AsyncStore, executor: ExitExecutor, now: float, settle: float = 0.0
+) -> list[Position]:
+    """Load active positions and resume their unfinished exits (lookup before any send; with
+    `settle`, not before that long after the exit's last journal write)."""
+    exits = {e.client_order_id: e for e in await store.unfinished_exits()}
+    positions = await store.positions()
     for position in positions:
         exit = exits.get(position.exit_id) if position.exit_id else None
         guard.add(position, now, exit)
+    wall = time.time()
     for cid in exits:
-        if guard.exit(cid) is not None:
-            executor.resume(cid)
+        if guard.exit(cid) is None:
+            continue
+        after = 0.0
+        if settle > 0 and (record := await store.exit_record(cid)) is not None:
+            after = max(0.0, record.updated_at + settle - wall)
+        executor.resume(cid, after)
     return positions

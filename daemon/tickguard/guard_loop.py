@@ -9,13 +9,13 @@ with the prefixes of docs/logs.md and journalled before it is sent.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from tickguard.core.account import Reconciled, Verdict
 from tickguard.core.exits import Exit, ExitState
@@ -31,11 +31,12 @@ from tickguard.status import (
     AccountStatus,
     DnsStatus,
     FeedStatus,
+    HaStatus,
     PollStatus,
     SafetyNetStatus,
     Snapshot,
 )
-from tickguard.store import Store
+from tickguard.store import AsyncStore, Store, as_async
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class GuardLoop:
     def __init__(
         self,
         guard: Guard,
-        store: Store,
+        store: Store | AsyncStore,
         executor: ExitExecutor,
         metrics: Metrics,
         market: MarketCalendar,
@@ -92,7 +93,7 @@ class GuardLoop:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.guard = guard
-        self.store = store
+        self.store = as_async(store)
         self.executor = executor
         self.metrics = metrics
         self.market = market
@@ -114,19 +115,31 @@ class GuardLoop:
         # Set when guarding can no longer be trusted (the journal cannot be written):
         # the daemon then exits 1 and systemd restarts it from what the store holds.
         self.fatal = asyncio.Event()
+        # Whether prices and sweeps may decide exits: False on a standby, and while one takes
+        # over until the account is reconciled (docs/ha.md); always True on a lone instance.
+        self.guarding = True
+        executor.on_journal_failure = lambda exit, exc: self.fatal.set()
 
     # -- positions ------------------------------------------------------
 
-    def recover(self, config_positions: Iterable[PositionSpec], *, rearm: bool = False) -> None:
+    async def recover(
+        self,
+        config_positions: Iterable[PositionSpec],
+        *,
+        rearm: bool = False,
+        settle: float = 0.0,
+    ) -> None:
         """Load positions from the store (resuming unfinished exits), then the config's new ones.
 
         A config position is armed only if the store never held its symbol. When
         the store was lost (`Store.lost`), "never held" cannot be trusted: one of
         them may have exited already, and arming it again would sell it twice.
-        They are then held back unless the operator said `rearm`.
+        They are then held back unless the operator said `rearm`. `settle`: an exit in
+        flight is looked up only once this long has passed since its last journal write
+        (a takeover: the previous leader's order may still be on its way, docs/ha.md).
         """
         now = self._mono()
-        recovered = recover(self.guard, self.store, self.executor, now)
+        recovered = await recover(self.guard, self.store, self.executor, now, settle)
         for position in recovered:
             self._saved_anchors[position.id] = position.trail_anchor
             log.info("[GUARD] recovered %s", describe(position))
@@ -134,7 +147,7 @@ class GuardLoop:
                 # Registered, never shown held: the paper account may have missed its
                 # entry (a crash between the two commits). Idempotent for a real holding.
                 self.on_registered(position.spec)
-        new = [s for s in config_positions if self.store.latest_position(s.symbol) is None]
+        new = [s for s in config_positions if await self.store.latest_position(s.symbol) is None]
         if new and self.store.lost is not None and not rearm:
             self.held_back = [s.symbol for s in new]
             log.critical(
@@ -146,45 +159,50 @@ class GuardLoop:
             )
             new = []
         for spec in new:
-            self.add(spec, source="config")
+            await self.add(spec, source="config")
         self._gauges()
 
-    def add(self, spec: PositionSpec, *, source: str) -> Position:
+    async def add(self, spec: PositionSpec, *, source: str) -> Position:
         """Guard a new position (StoreError if its symbol already has an active one)."""
         origin = source if source in ("config", "broker") else "api"
-        position = self.store.add_position(spec, self._wall(), origin)
+        position = await self.store.add_position(spec, self._wall(), origin)
         self.guard.add(position, self._mono())
         if self.on_registered is not None:
             self.on_registered(spec)
         self._saved_anchors[position.id] = None
-        self.audit("add_position", {"source": source, **spec_dict(spec)})
+        await self.audit("add_position", {"source": source, **spec_dict(spec)})
         log.info("[GUARD] guarding %s (%s)", describe(position), source)
         self._gauges()
         self.evaluate([spec.symbol])
         return position
 
-    def remove(self, symbol: str, *, source: str) -> Position:
+    async def remove(self, symbol: str, *, source: str) -> Position:
         """Stop guarding an open position without an order. KeyError / ValueError as Guard.remove."""
         position = self.guard.remove(symbol)
-        self.store.delete_position(position, self._wall())
-        self.audit("remove_position", {"source": source, "symbol": symbol})
+        await self.store.delete_position(position, self._wall())
+        await self.audit("remove_position", {"source": source, "symbol": symbol})
         log.info("[GUARD] stopped guarding %s (%s); no order sent", symbol, source)
         self._gauges()
         return position
 
-    def audit(self, action: str, detail: Mapping[str, object]) -> None:
+    async def audit(self, action: str, detail: Mapping[str, object]) -> None:
         """Record a mutating call in the audit log, best effort: a store that cannot take
         the entry (a full disk) never stops the action itself, least of all a close."""
         try:
-            self.store.audit(action, detail, self._wall())
+            await self.store.audit(action, detail, self._wall())
         except StoreError as exc:
             log.error("[GUARD] %s not written to the audit log: %s", action, exc)
 
     # -- the account (docs/account.md) -------------------------------------------
 
-    def apply_account(self, symbol: str, verdict: Reconciled, broker_quantity: float) -> None:
+    async def apply_account(self, symbol: str, verdict: Reconciled, broker_quantity: float) -> None:
         """Act on what the broker holds for one open position: close it as external (no
-        order), or guard the broker's quantity. Journalled before the guard changes."""
+        order), or guard the broker's quantity.
+
+        The guard changes first, then the journal: a store that yields (PostgreSQL) must
+        not leave an exit to be decided meanwhile on a position closed outside. A journal
+        that cannot be written stops the daemon (the store's state is then the truth,
+        reconciled again at the next start)."""
         position = self.guard.position(symbol)
         if position is None or position.state is not PositionState.OPEN:
             return
@@ -193,9 +211,8 @@ class GuardLoop:
             held = f"broker holds {broker_quantity:g}"
             if verdict.verdict is Verdict.NEVER_HELD:
                 held = f"never held by the broker (checked for {wall - position.created_at:.0f}s)"
-            closed = dataclasses.replace(position, state=PositionState.CLOSED)
-            self.store.close_external(closed, broker_quantity, held, wall)
-            self.guard.close_external(symbol)
+            closed = self.guard.close_external(symbol)
+            await self._journalled(self.store.close_external(closed, broker_quantity, held, wall))
             self.metrics.external_closes.inc()
             log.warning("[ACCOUNT] %s closed outside tickguard: %s", symbol, held)
             self._gauges()
@@ -207,7 +224,7 @@ class GuardLoop:
         if not changed:
             return
         updated = self.guard.account_update(symbol, quantity, verdict.entry_price, confirmed=True)
-        self.store.save_positions([updated], wall)
+        await self._journalled(self.store.save_positions([updated], wall))
         if quantity != position.spec.quantity:
             log.warning(
                 "[ACCOUNT] %s: the broker holds %g, tickguard guarded %g: guarding %g%s",
@@ -217,6 +234,14 @@ class GuardLoop:
                 quantity,
                 f" at {updated.spec.entry_price:g}" if verdict.verdict is Verdict.GROW else "",
             )
+
+    async def _journalled(self, write: Coroutine[Any, Any, None]) -> None:
+        try:
+            await write
+        except StoreError as exc:
+            log.critical("[GUARD] cannot write the state store: %s; stopping", exc)
+            self.fatal.set()
+            raise
 
     def close(self, symbol: str, reason: ExitReason) -> CloseOutcome:
         """Start (or find) the manual exit of `symbol`. KeyError if it is not guarded."""
@@ -230,6 +255,8 @@ class GuardLoop:
     # -- evaluation -----------------------------------------------------
 
     def on_prices(self, symbols: list[str], source: PriceSource) -> None:
+        if not self.guarding:
+            return
         """New prices arrived: judge now the positions they may change.
 
         `Guard.due` leaves out the unguarded symbols, and the guarded ones whose
@@ -246,6 +273,8 @@ class GuardLoop:
             self._handle(self.guard.evaluate(symbol, now, wall, market_open))
 
     def evaluate(self, symbols: Iterable[str]) -> None:
+        if not self.guarding:
+            return
         now, wall = self._mono(), self._wall()
         market_open = self._market_at(wall)
         for symbol in symbols:
@@ -262,7 +291,7 @@ class GuardLoop:
             self._market_until = change.timestamp() if change is not None else math.inf
         return self.market_open
 
-    def sweep(self) -> None:
+    async def sweep(self) -> None:
         """Judge every position; refresh gauges; log lasting fallback conditions.
 
         First the store is checked: a database that vanished or was emptied
@@ -270,7 +299,7 @@ class GuardLoop:
         stops (exit 1, systemd restarts us) rather than go on without it.
         """
         try:
-            self.store.check()
+            await self.store.check()
         except StoreError as exc:
             log.critical("[GUARD] %s: stopping, so nothing is decided without a journal", exc)
             self.fatal.set()
@@ -278,12 +307,13 @@ class GuardLoop:
         now, wall = self._mono(), self._wall()
         market_open = self._market_at(wall)
         self.metrics.market_open.set(1 if market_open else 0)
-        self._handle(self.guard.sweep(now, wall, market_open))
+        if self.guarding:
+            self._handle(self.guard.sweep(now, wall, market_open))
         self._log_fallbacks(now)
-        self._save_anchors(now)
         self._gauges()
         self.sweeps += 1
         self.last_sweep_at = now
+        await self._save_anchors(now)
 
     def snapshot(
         self,
@@ -293,6 +323,7 @@ class GuardLoop:
         poll: PollStatus | None,
         account: AccountStatus,
         safety_net: SafetyNetStatus | None = None,
+        ha: HaStatus | None = None,
     ) -> Snapshot:
         """The daemon as it is now, with the adapters' own status: what the API, the STATUS
         line and the age collector read. Two dict copies; the objects in them are frozen."""
@@ -317,12 +348,13 @@ class GuardLoop:
             sweep_interval=self.sweep_interval,
             last_sweep_at=self.last_sweep_at,
             safety_net=safety_net,
+            ha=ha,
         )
 
     async def run(self) -> None:
         """The sweep loop, forever."""
         while True:
-            self.sweep()
+            await self.sweep()
             await asyncio.sleep(self.sweep_interval)
 
     def _handle(self, events: list[Event]) -> None:
@@ -365,7 +397,6 @@ class GuardLoop:
             # not be reconciled. Exit so systemd restarts us from the store's state.
             log.critical("[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc)
             self.fatal.set()
-            return
 
     def on_sent(self, exit: Exit) -> None:
         """An exit handed to the broker for the first time (the executor's hook): counted in
@@ -448,7 +479,7 @@ class GuardLoop:
     def _gauges(self) -> None:
         self.metrics.open_positions.set(len(self.guard.positions()))
 
-    def _save_anchors(self, now: float) -> None:
+    async def _save_anchors(self, now: float) -> None:
         if now - self._last_trail_save < TRAIL_SAVE_EVERY:
             return
         self._last_trail_save = now
@@ -457,15 +488,17 @@ class GuardLoop:
             for p in self.guard.positions()
             if p.state is PositionState.OPEN and self._saved_anchors.get(p.id) != p.trail_anchor
         ]
+        # Rebuilt, not updated: closed and removed positions drop out. Taken before the write
+        # (which may yield), kept once it succeeded.
+        saved = {p.id: p.trail_anchor for p in self.guard.positions()}
         if changed:
-            self.store.save_positions(changed, self._wall())
-        # Rebuilt, not updated: closed and removed positions drop out.
-        self._saved_anchors = {p.id: p.trail_anchor for p in self.guard.positions()}
+            await self.store.save_positions(changed, self._wall())
+        self._saved_anchors = saved
 
-    def save_all(self) -> None:
+    async def save_all(self) -> None:
         """Persist every trailing anchor now (at shutdown)."""
         self._last_trail_save = -TRAIL_SAVE_EVERY
-        self._save_anchors(self._mono())
+        await self._save_anchors(self._mono())
 
 
 def _fallback_note(quote: Quote) -> str:

@@ -164,6 +164,15 @@ class Metrics:
             "prices.cache_timeout: older prices are unusable",
             registry=r,
         )
+        # Leadership among instances sharing a store (docs/ha.md).
+        self.leader = Gauge(
+            "tickguard_leader",
+            "1 on the instance that leads (guards and sends); 0 on a standby or one that lost it",
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            "tickguard_leader_changes", "Leadership changes this instance has seen", registry=r
+        )
         # The broker-held safety net (docs/safety-net.md).
         self.safety_net_enabled = Gauge(
             "tickguard_safety_net_enabled", "1 when [safety_net] is enabled", registry=r

@@ -134,13 +134,13 @@ class Reconciler:
                 return True  # a read started after this one was acted on already
             self._viewed = read
             self.view = AccountView({h.symbol: h for h in holdings if h.quantity}, wall)
-            imported = self._apply(self.view, wall)
+            imported = await self._apply(self.view, wall)
             self.metrics.unguarded_positions.set(self._unguarded_count())
         if imported and self.subscribe is not None:
             await self.subscribe()  # an imported symbol needs live prices like any other
         return True
 
-    def _apply(self, view: AccountView, wall: float) -> int:
+    async def _apply(self, view: AccountView, wall: float) -> int:
         """Act on the view; the number of positions imported."""
         holdings = view.holdings
         for position in to_judge(self.guard_loop.guard.positions(), holdings):
@@ -152,26 +152,26 @@ class Reconciler:
                 confirm_within=self.account.confirm_within,
             )
             broker_quantity = holding.quantity if holding is not None else 0.0
-            self.guard_loop.apply_account(position.symbol, verdict, broker_quantity)
+            await self.guard_loop.apply_account(position.symbol, verdict, broker_quantity)
         imported = 0
         if self.account.source != "broker":
             return imported
         for holding in self.unguarded():
             rule = first_rule(self.rules, holding.symbol)
             spec = rule.spec_for(holding) if rule is not None else None
-            if spec is None or self._recently_closed(holding.symbol, wall):
+            if spec is None or await self._recently_closed(holding.symbol, wall):
                 # No rule, no average price, or a position in it closed so recently that
                 # the broker may not show that yet: reported as unguarded, not imported.
                 continue
             try:
-                self.guard_loop.add(spec, source="broker")
+                await self.guard_loop.add(spec, source="broker")
             except PositionExists:
                 continue
             imported += 1
         return imported
 
-    def _recently_closed(self, symbol: str, wall: float) -> bool:
-        closed_at = self.guard_loop.store.closed_at(symbol)
+    async def _recently_closed(self, symbol: str, wall: float) -> bool:
+        closed_at = await self.guard_loop.store.closed_at(symbol)
         quarantine = max(IMPORT_QUARANTINE, 3 * self.account.reconcile_interval)
         return closed_at is not None and wall - closed_at < quarantine
 

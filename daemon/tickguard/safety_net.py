@@ -57,7 +57,7 @@ from tickguard.errors import (
 )
 from tickguard.metrics import Metrics
 from tickguard.status import NetStop, SafetyNetStatus
-from tickguard.store import NetRow, Store
+from tickguard.store import AsyncStore, NetRow, Store, as_async
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class SafetyNet:
         self,
         broker: SafetyNetBroker,
         guard: Guard,
-        store: Store,
+        store: Store | AsyncStore,
         metrics: Metrics,
         margin_pct: float,
         *,
@@ -116,7 +116,7 @@ class SafetyNet:
     ) -> None:
         self.broker = broker
         self.guard = guard
-        self.store = store
+        self.store = as_async(store)
         self.metrics = metrics
         self.margin_pct = margin_pct
         self._mono = monotonic
@@ -139,9 +139,9 @@ class SafetyNet:
 
     # -- start, and the loop -----------------------------------------------
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """Take up the stops the journal says may be live (before any exit is resumed)."""
-        for row in self.store.net_live():
+        for row in await self.store.net_live():
             if row.state == "active" and row.stop_id is not None:
                 stop = BrokerStop(row.stop_id, row.symbol, row.side, row.quantity, row.trigger)
                 self.held[row.symbol] = _Held(row.row, stop, row.position_id)
@@ -182,7 +182,7 @@ class SafetyNet:
         by_id = {s.stop_id: s for s in listed}
         wall = self._wall()
         for symbol, row in list(self.placing.items()):
-            self._resolve_placing(symbol, row, listed, wall)
+            await self._resolve_placing(symbol, row, listed, wall)
         for symbol, held in list(self.held.items()):
             seen = by_id.get(held.stop.stop_id)
             if seen is None:  # not listed: ask for it by its id
@@ -193,9 +193,9 @@ class SafetyNet:
                     self._failure("lookup", symbol, exc)
                     continue
             if self.held.get(symbol) is held:  # not changed by a disarm meanwhile
-                self._learn(symbol, held, seen)
+                await self._learn(symbol, held, seen)
 
-    def _resolve_placing(
+    async def _resolve_placing(
         self, symbol: str, row: NetRow, listed: list[BrokerStop], wall: float
     ) -> None:
         if wall - row.created_at < PLACE_SETTLE:
@@ -214,21 +214,21 @@ class SafetyNet:
         )
         del self.placing[symbol]
         if match is None:
-            self.store.net_update(row.row, "not_placed", wall)
+            await self.store.net_update(row.row, "not_placed", wall)
             log.info("[SAFETY NET] %s: the stop whose answer was lost was never placed", symbol)
             return
         log.info("[SAFETY NET] %s: found the stop whose answer was lost: %s", symbol, match.stop_id)
-        self.store.net_update(row.row, "active", wall, stop_id=match.stop_id)
         held = _Held(row.row, match, row.position_id)
-        self.held[symbol] = held
-        self._learn(symbol, held, match)
+        self.held[symbol] = held  # before the write yields: a disarm meanwhile cancels it
+        await self.store.net_update(row.row, "active", wall, stop_id=match.stop_id)
+        await self._learn(symbol, held, match)
 
-    def _learn(self, symbol: str, held: _Held, seen: BrokerStop | None) -> None:
+    async def _learn(self, symbol: str, held: _Held, seen: BrokerStop | None) -> None:
         """What the broker says of a held stop."""
         if seen is None or seen.state is StopState.CANCELLED:
             if not self._release(symbol, held):
                 return
-            self.store.net_update(held.row, "cancelled", self._wall())
+            await self.store.net_update(held.row, "cancelled", self._wall())
             log.warning(
                 "[SAFETY NET] %s: the broker no longer holds stop %s (cancelled at the broker,"
                 " or expired); a new one is placed",
@@ -236,12 +236,12 @@ class SafetyNet:
                 held.stop.stop_id,
             )
         elif seen.state is StopState.TRIGGERED:
-            self._fired_now(symbol, held, seen)
+            await self._fired_now(symbol, held, seen)
 
-    def _fired_now(self, symbol: str, held: _Held, seen: BrokerStop) -> None:
+    async def _fired_now(self, symbol: str, held: _Held, seen: BrokerStop) -> None:
         if not self._release(symbol, held):
             return
-        self.store.net_update(held.row, "triggered", self._wall(), order_id=seen.order_id)
+        await self.store.net_update(held.row, "triggered", self._wall(), order_id=seen.order_id)
         position = self.guard.position(symbol)
         if position is not None and position.id == held.position_id:
             self.fired[symbol] = _Fired(held.row, seen, held.position_id, self._mono())
@@ -324,7 +324,7 @@ class SafetyNet:
         assert step.trigger is not None
         wall = self._wall()
         try:
-            row = self.store.net_intent(position, step.quantity, step.trigger, wall)
+            row = await self.store.net_intent(position, step.quantity, step.trigger, wall)
         except StoreError as exc:  # never place a stop the journal does not hold
             self._failure("place", symbol, exc)
             return
@@ -334,7 +334,7 @@ class SafetyNet:
                     symbol, position.side, step.quantity, step.trigger
                 )
         except (BrokerRejected, BrokerBusy) as exc:  # refused: it does not exist
-            self.store.net_update(row, "not_placed", self._wall())
+            await self.store.net_update(row, "not_placed", self._wall())
             self._failure("place", symbol, exc)
             return
         except (BrokerUnavailable, TimeoutError) as exc:
@@ -344,7 +344,7 @@ class SafetyNet:
             )
             self._failure("place", symbol, exc)
             return
-        self.store.net_update(row, "active", self._wall(), stop_id=stop.stop_id)
+        await self.store.net_update(row, "active", self._wall(), stop_id=stop.stop_id)
         self.held[symbol] = _Held(row, stop, position.id)
         self._moved_at[symbol] = self._mono()
         self._failed.pop(symbol, None)
@@ -374,7 +374,7 @@ class SafetyNet:
             return
         # Kept as asked (not as answered): a broker that rounds otherwise is not moved again.
         held.stop = dataclasses.replace(held.stop, quantity=step.quantity, trigger=step.trigger)
-        self.store.net_update(
+        await self.store.net_update(
             held.row, "active", self._wall(), quantity=step.quantity, trigger=step.trigger
         )
         self._moved_at[symbol] = self._mono()
@@ -395,16 +395,16 @@ class SafetyNet:
         if after.state is StopState.ACTIVE:
             self._failure("cancel", symbol, BrokerUnavailable("", "the stop is still active"))
         elif after.state is StopState.TRIGGERED:
-            self._fired_now(symbol, held, after)
+            await self._fired_now(symbol, held, after)
         else:
             self._failed.pop(symbol, None)
-            self._gone(symbol, held)
+            await self._gone(symbol, held)
 
-    def _gone(self, symbol: str, held: _Held) -> None:
+    async def _gone(self, symbol: str, held: _Held) -> None:
         """A held stop cancelled by tickguard."""
         if not self._release(symbol, held):
             return
-        self.store.net_update(held.row, "cancelled", self._wall())
+        await self.store.net_update(held.row, "cancelled", self._wall())
         log.info("[SAFETY NET] %s: broker-held stop %s cancelled", symbol, held.stop.stop_id)
 
     async def _cancel_stray(self, symbol: str, stop: BrokerStop) -> None:
@@ -438,7 +438,7 @@ class SafetyNet:
             self._failure("lookup", symbol, exc)
             return
         if self.held.get(symbol) is held:
-            self._learn(symbol, held, seen)
+            await self._learn(symbol, held, seen)
 
     # -- before tickguard's own exit ------------------------------------------
 
@@ -503,10 +503,10 @@ class SafetyNet:
                 self._failure("cancel", symbol, exc, before_exit=True)
                 return Disarm.UNKNOWN
         if after.state is StopState.TRIGGERED:
-            self._fired_now(symbol, held, after)
+            await self._fired_now(symbol, held, after)
             return Disarm.FIRED
         if after.state is StopState.CANCELLED:
-            self._gone(symbol, held)
+            await self._gone(symbol, held)
             return Disarm.CLEAR
         return Disarm.UNKNOWN
 

@@ -105,6 +105,21 @@ class SafetyNetStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class HaStatus:
+    """Leadership among instances sharing a store, as this one sees it (docs/ha.md)."""
+
+    role: str  # standby | leader | lost
+    me: str
+    leader: str | None  # the holder the store names (this instance when it leads)
+    epoch: int | None
+    changes: int  # leadership changes this instance has seen
+
+    @property
+    def standby(self) -> bool:
+        return self.role != "leader"
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The daemon as the guard loop saw it at `taken_at` (monotonic) / `wall`."""
 
@@ -125,6 +140,7 @@ class Snapshot:
     sweep_interval: float
     last_sweep_at: float | None  # monotonic
     safety_net: SafetyNetStatus | None = None  # None: [safety_net] is not enabled
+    ha: HaStatus | None = None  # None: a lone instance (SQLite), which always guards
 
     def quote(self, symbol: str, now: float) -> Quote:
         """`symbol`'s price judged at `now`, aged from when it was guarded if it never had one."""

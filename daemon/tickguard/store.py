@@ -234,13 +234,21 @@ class AsyncStore:
     """Everything the daemon keeps, on any backend: the logic, written once.
 
     `Store` runs it on SQLite (each call finishes at once: SQLite is called
-    synchronously, see `_done`); `tickguard.store_pg.PostgresStore` runs it on
+    synchronously, see `run_now`); `tickguard.store_pg.PostgresStore` runs it on
     PostgreSQL, awaited.
     """
 
     def __init__(self, sql: Sql, install_id: str) -> None:
         self._sql = sql
         self.install_id = install_id
+        # Why a store that opened as new is in fact a lost one (SQLite: see Store); None.
+        self.lost: str | None = None
+        # Every call finishes without yielding (SQLite): `run_now` may run it in place.
+        self.immediate = False
+
+    async def check(self) -> None:
+        """StoreError when the store can no longer be trusted to keep what is written to it
+        (SQLite: its file vanished, was replaced or emptied). The daemon then stops."""
 
     async def _rows(self, sql: str, *args: object) -> list[Row]:
         return await self._sql.rows(sql, args)
@@ -677,7 +685,7 @@ class AsyncStore:
 
 class _SqliteSql:
     """The `Sql` of a `Store`: its one SQLite connection, called synchronously. No call
-    ever suspends, so `_done` can run any `AsyncStore` call to its end at once."""
+    ever suspends, so `run_now` can run any `AsyncStore` call to its end at once."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -708,11 +716,30 @@ class _SqliteSql:
             raise StoreError(f"state store {self._store.path}: {exc}") from exc
 
 
+class _SqliteAsync(AsyncStore):
+    """`Store.aio`: the store's logic on its SQLite connection."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(_SqliteSql(store), store.install_id)
+        self._store = store
+        self.lost = store.lost
+        self.immediate = True
+
+    async def check(self) -> None:
+        self._store.check()
+
+
+def as_async(store: Store | AsyncStore) -> AsyncStore:
+    """The awaitable store of either kind (the daemon's parts take both)."""
+    return store.aio if isinstance(store, Store) else store
+
+
 _T = TypeVar("_T")
 
 
-def _done(call: Coroutine[Any, Any, _T]) -> _T:
-    """Run a call of a SQLite `Store`'s `AsyncStore` to its end, here and now.
+def run_now(call: Coroutine[Any, Any, _T]) -> _T:
+    """Run a call of a SQLite `Store`'s `AsyncStore` to its end, here and now (also any
+    coroutine that awaits nothing else: the guard loop's sweep on SQLite, in tests).
 
     Its awaits never suspend (`_SqliteSql` calls SQLite synchronously), so the
     coroutine ends on its first step: no event loop is needed, and none is
@@ -766,7 +793,6 @@ class Store:
                 raise
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
         self.install_id = self._install_id()
-        self.aio = AsyncStore(_SqliteSql(self), self.install_id)  # the same store, awaitable
         if previous_id is not None and previous_id != self.install_id and self.lost is None:
             self.lost = f"its install id is {self.install_id}, but {previous_id} was kept beside it"
         try:
@@ -775,6 +801,7 @@ class Store:
         except OSError as exc:
             self._db.close()
             raise StoreError(f"cannot open the state store {path}: {exc}") from exc
+        self.aio: AsyncStore = _SqliteAsync(self)  # the same store, awaitable
 
     @classmethod
     def in_dir(cls, state_dir: Path) -> Store:
@@ -862,31 +889,31 @@ class Store:
             db.execute("INSERT INTO meta (key, value) VALUES ('install_id', ?)", (new,))
         return new
 
-    # -- the store's calls, run here and now (see `_done`) --------------------------
+    # -- the store's calls, run here and now (see `run_now`) --------------------------
 
     def add_position(self, spec: PositionSpec, wall: float, origin: str = "api") -> Position:
-        return _done(self.aio.add_position(spec, wall, origin))
+        return run_now(self.aio.add_position(spec, wall, origin))
 
     def save_positions(self, positions: Iterable[Position], wall: float) -> None:
-        return _done(self.aio.save_positions(positions, wall))
+        return run_now(self.aio.save_positions(positions, wall))
 
     def delete_position(self, position: Position, wall: float) -> None:
-        return _done(self.aio.delete_position(position, wall))
+        return run_now(self.aio.delete_position(position, wall))
 
     def positions(self, *, active_only: bool = True) -> list[Position]:
-        return _done(self.aio.positions(active_only=active_only))
+        return run_now(self.aio.positions(active_only=active_only))
 
     def latest_position(self, symbol: str) -> Position | None:
-        return _done(self.aio.latest_position(symbol))
+        return run_now(self.aio.latest_position(symbol))
 
     def closed_at(self, symbol: str) -> float | None:
-        return _done(self.aio.closed_at(symbol))
+        return run_now(self.aio.closed_at(symbol))
 
     def position(self, position_id: int) -> Position | None:
-        return _done(self.aio.position(position_id))
+        return run_now(self.aio.position(position_id))
 
     def journal_exit(self, exit: Exit, position: Position, wall: float) -> None:
-        return _done(self.aio.journal_exit(exit, position, wall))
+        return run_now(self.aio.journal_exit(exit, position, wall))
 
     def update_exit(
         self,
@@ -895,58 +922,58 @@ class Store:
         reply: OrderReport | None = None,
         position: Position | None = None,
     ) -> None:
-        return _done(self.aio.update_exit(exit, wall, reply, position))
+        return run_now(self.aio.update_exit(exit, wall, reply, position))
 
     def unfinished_exits(self) -> list[Exit]:
-        return _done(self.aio.unfinished_exits())
+        return run_now(self.aio.unfinished_exits())
 
     def exits(self, limit: int = 1000) -> list[ExitRecord]:
-        return _done(self.aio.exits(limit))
+        return run_now(self.aio.exits(limit))
 
     def exit_record(self, client_order_id: str) -> ExitRecord | None:
-        return _done(self.aio.exit_record(client_order_id))
+        return run_now(self.aio.exit_record(client_order_id))
 
     def exit_events(self, client_order_id: str) -> list[dict[str, object]]:
-        return _done(self.aio.exit_events(client_order_id))
+        return run_now(self.aio.exit_events(client_order_id))
 
     def close_external(
         self, position: Position, broker_quantity: float, detail: str, wall: float
     ) -> None:
-        return _done(self.aio.close_external(position, broker_quantity, detail, wall))
+        return run_now(self.aio.close_external(position, broker_quantity, detail, wall))
 
     def external_closes(self, limit: int = 1000) -> list[dict[str, object]]:
-        return _done(self.aio.external_closes(limit))
+        return run_now(self.aio.external_closes(limit))
 
     def audit(self, action: str, detail: Mapping[str, object], wall: float) -> None:
-        return _done(self.aio.audit(action, detail, wall))
+        return run_now(self.aio.audit(action, detail, wall))
 
     def audit_log(self, limit: int = 100) -> list[dict[str, object]]:
-        return _done(self.aio.audit_log(limit))
+        return run_now(self.aio.audit_log(limit))
 
     def record_paper_fill(
         self, report: OrderReport, symbol: str, transaction: str, quantity: float, wall: float
     ) -> None:
-        return _done(self.aio.record_paper_fill(report, symbol, transaction, quantity, wall))
+        return run_now(self.aio.record_paper_fill(report, symbol, transaction, quantity, wall))
 
     def record_paper_trade(
         self, symbol: str, side: str, quantity: float, price: float, wall: float
     ) -> Holding | None:
-        return _done(self.aio.record_paper_trade(symbol, side, quantity, price, wall))
+        return run_now(self.aio.record_paper_trade(symbol, side, quantity, price, wall))
 
     def paper_positions(self) -> list[Holding]:
-        return _done(self.aio.paper_positions())
+        return run_now(self.aio.paper_positions())
 
     def paper_position(self, symbol: str) -> Holding | None:
-        return _done(self.aio.paper_position(symbol))
+        return run_now(self.aio.paper_position(symbol))
 
     def paper_fill(self, client_order_id: str) -> OrderReport | None:
-        return _done(self.aio.paper_fill(client_order_id))
+        return run_now(self.aio.paper_fill(client_order_id))
 
     def paper_fill_count(self, client_order_id: str | None = None) -> int:
-        return _done(self.aio.paper_fill_count(client_order_id))
+        return run_now(self.aio.paper_fill_count(client_order_id))
 
     def net_intent(self, position: Position, quantity: float, trigger: float, wall: float) -> int:
-        return _done(self.aio.net_intent(position, quantity, trigger, wall))
+        return run_now(self.aio.net_intent(position, quantity, trigger, wall))
 
     def net_update(
         self,
@@ -959,7 +986,7 @@ class Store:
         trigger: float | None = None,
         order_id: str | None = None,
     ) -> None:
-        return _done(
+        return run_now(
             self.aio.net_update(
                 row,
                 state,
@@ -972,38 +999,40 @@ class Store:
         )
 
     def net_live(self) -> list[NetRow]:
-        return _done(self.aio.net_live())
+        return run_now(self.aio.net_live())
 
     def net_rows(self, limit: int = 1000) -> list[NetRow]:
-        return _done(self.aio.net_rows(limit))
+        return run_now(self.aio.net_rows(limit))
 
     def paper_stop_place(
         self, symbol: str, side: Side, quantity: float, trigger: float, wall: float
     ) -> BrokerStop:
-        return _done(self.aio.paper_stop_place(symbol, side, quantity, trigger, wall))
+        return run_now(self.aio.paper_stop_place(symbol, side, quantity, trigger, wall))
 
     def paper_stop(self, stop_id: str) -> BrokerStop | None:
-        return _done(self.aio.paper_stop(stop_id))
+        return run_now(self.aio.paper_stop(stop_id))
 
     def paper_stops(self, limit: int = 10000) -> list[BrokerStop]:
-        return _done(self.aio.paper_stops(limit))
+        return run_now(self.aio.paper_stops(limit))
 
     def paper_stop_change(
         self, stop_id: str, wall: float, *, quantity: float, trigger: float
     ) -> BrokerStop | None:
-        return _done(self.aio.paper_stop_change(stop_id, wall, quantity=quantity, trigger=trigger))
+        return run_now(
+            self.aio.paper_stop_change(stop_id, wall, quantity=quantity, trigger=trigger)
+        )
 
     def paper_stop_cancel(self, stop_id: str, wall: float) -> BrokerStop | None:
-        return _done(self.aio.paper_stop_cancel(stop_id, wall))
+        return run_now(self.aio.paper_stop_cancel(stop_id, wall))
 
     def paper_stop_fire(self, stop: BrokerStop, price: float, wall: float) -> None:
-        return _done(self.aio.paper_stop_fire(stop, price, wall))
+        return run_now(self.aio.paper_stop_fire(stop, price, wall))
 
     def remember_addresses(self, host: str, addresses: list[str], wall: float) -> None:
-        return _done(self.aio.remember_addresses(host, addresses, wall))
+        return run_now(self.aio.remember_addresses(host, addresses, wall))
 
     def known_addresses(self, host: str) -> tuple[list[str], float] | None:
-        return _done(self.aio.known_addresses(host))
+        return run_now(self.aio.known_addresses(host))
 
     # -- helpers --------------------------------------------------------
 

@@ -174,6 +174,13 @@ PG_MIGRATIONS: tuple[str, ...] = (
 )
 assert PG_BASE + len(PG_MIGRATIONS) == SCHEMA_VERSION, "migrate PostgreSQL with SQLite"
 MIGRATION_LOCK = 0x746B6775_6D696772  # "tkgumigr": the advisory lock migrations take
+LEADER_LOCK = 0x746B6775_6C656164  # "tkgulead": the session advisory lock the leader holds
+# The proof, inside each write transaction, that this session holds LEADER_LOCK: pg_locks
+# shows a bigint advisory key as classid (its high 32 bits) and objid (its low 32 bits).
+_HOLDS_LEAD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s"
+    " AND objid = %s AND objsubid = 1 AND pid = pg_backend_pid() AND granted)"
+)
 
 
 class _PgSql:
@@ -186,6 +193,9 @@ class _PgSql:
     def __init__(self, conn: psycopg.AsyncConnection[Any], url: str) -> None:
         self._conn = conn
         self._where = _shown(url)
+        # With a fence, no transaction commits unless this session holds the leader's lock
+        # (docs/ha.md): a standby, or a leader whose session PostgreSQL ended, writes nothing.
+        self.fenced = False
         self._lock = asyncio.Lock()
         self._owner: asyncio.Task[Any] | None = None  # the task inside `tx`
         self._texts: dict[str, str] = {}  # `?` placeholders -> psycopg's `%s`
@@ -213,11 +223,26 @@ class _PgSql:
             self._owner = asyncio.current_task()
             try:
                 async with self._conn.transaction():
+                    if self.fenced:
+                        await self._prove_lead()
                     yield
             except psycopg.Error as exc:  # the COMMIT itself failed
                 raise _error(exc, self._where) from exc
             finally:
                 self._owner = None
+
+    async def _prove_lead(self) -> None:
+        try:
+            cursor = await self._conn.execute(
+                _HOLDS_LEAD, (LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF)
+            )
+            row = await cursor.fetchone()
+        except psycopg.Error as exc:
+            raise _error(exc, self._where) from exc
+        if not row or not row[0]:
+            raise NotLeader(
+                f"state store {self._where}: this instance does not lead; nothing written"
+            )
 
     @asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -237,13 +262,57 @@ class _PgSql:
             raise _error(exc, self._where) from exc
 
 
+class NotLeader(StoreError):
+    """A write refused: this instance does not hold the leader's lock (docs/ha.md)."""
+
+
 class PostgresStore(AsyncStore):
-    """The store on PostgreSQL: `await PostgresStore.open(url)`, then as any AsyncStore."""
+    """The store on PostgreSQL: `await PostgresStore.open(url)`, then as any AsyncStore.
+
+    Leadership (docs/ha.md) is a session advisory lock taken on the store's own
+    connection, so that the proof of it is one query in each write transaction
+    (`fence()`): when PostgreSQL ends the session, the lock goes with it and no
+    later write of this instance can commit."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], url: str, install_id: str) -> None:
-        super().__init__(_PgSql(conn, url), install_id)
+        self._pg = _PgSql(conn, url)
+        super().__init__(self._pg, install_id)
         self._conn = conn
         self.url = url
+        self.where = _shown(url)
+
+    def fence(self) -> None:
+        """From now on every write transaction proves leadership first (NotLeader if not)."""
+        self._pg.fenced = True
+
+    async def try_lead(self, holder: str) -> int | None:
+        """Take the leader's lock if it is free; the new leadership epoch, or None (another
+        session holds it). The epoch and holder are written in `meta` for the others."""
+        rows = await self._sql.rows("SELECT pg_try_advisory_lock(?) AS got", (LEADER_LOCK,))
+        if not rows[0]["got"]:
+            return None
+        async with self._pg.tx():  # with the fence on, this proves the lock just taken
+            epoch = int(await self.meta("leader_epoch") or 0) + 1
+            for key, value in (("leader_epoch", str(epoch)), ("leader", holder)):
+                await self._sql.run(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+        return epoch
+
+    async def meta(self, key: str) -> str | None:
+        rows = await self._rows("SELECT value FROM meta WHERE key = ?", key)
+        return str(rows[0]["value"]) if rows else None
+
+    async def holds_lead(self) -> bool:
+        """Whether this session holds the leader's lock (StoreError: the session is gone)."""
+        rows = await self._sql.rows(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = ?"
+            " AND objid = ? AND objsubid = 1 AND pid = pg_backend_pid() AND granted) AS held",
+            (LEADER_LOCK >> 32, LEADER_LOCK & 0xFFFFFFFF),
+        )
+        return bool(rows[0]["held"])
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:

@@ -52,9 +52,9 @@ async def main(state_dir: Path, pause: bool) -> None:
     guard_loop.on_registered = broker.open_if_flat
     reconciler = Reconciler(broker, guard_loop, metrics, AccountConfig("config", 1.0, 60.0, ()))
     executor.sizer = reconciler.exit_quantity
-    guard_loop.recover([])
+    await guard_loop.recover([])
     if not store.positions(active_only=False):
-        guard_loop.add(SPEC, source="api")
+        await guard_loop.add(SPEC, source="api")
         assert await reconciler.reconcile(5.0)  # the broker shows it held: confirmed
         store.record_paper_trade("BOSCHLTD", "sell", 10, 480.0, time.time())  # the bot
 

@@ -338,6 +338,7 @@ class TcpProxy:
         self.connections = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._holding = False
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -346,7 +347,10 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def blackhole(self) -> None:
+    def blackhole(self, *, hold_closes: bool = False) -> None:
+        """Stop forwarding; with `hold_closes`, a side's close is held back too (a cut path
+        carries no FIN either: the far end sees the connection idle, not closed)."""
+        self._holding = hold_closes
         self._flowing.clear()
 
     def restore(self) -> None:
@@ -378,6 +382,8 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            if self._holding:
+                await self._flowing.wait()
             writer.close()  # one side ended: end the other too
 
     async def close(self) -> None:

@@ -65,7 +65,7 @@ async def main(state_dir: Path, pause_at: str | None) -> None:
         broker.faults.extend([PaperFault.UNAVAILABLE] * len(SPECS))
     executor = ExitExecutor(guard, store, broker, checkpoint=checkpoint, order_timeout=5.0)
     now = time.monotonic()
-    recover(guard, store, executor, now)
+    await recover(guard, store.aio, executor, now)
     if not store.positions(active_only=False):
         for spec in SPECS:
             guard.add(store.add_position(spec, time.time()), now)

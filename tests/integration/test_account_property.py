@@ -40,7 +40,7 @@ from tickguard.executor import ExitExecutor
 from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
 from tickguard.reconciler import Reconciler
-from tickguard.store import Store
+from tickguard.store import Store, run_now
 
 SYMBOLS = ("A", "B")
 ALWAYS_OPEN = MarketCalendar(zoneinfo.ZoneInfo("UTC"), (), frozenset(), frozenset(), True)
@@ -108,7 +108,7 @@ class Rig:
         reconciler = Reconciler(broker, guard_loop, metrics, ACCOUNT)
         if presend:
             executor.sizer = reconciler.exit_quantity
-        guard_loop.recover([])
+        run_now(guard_loop.recover([]))  # on SQLite: done at once
         return cls(store, book, guard_loop, executor, broker, reconciler)
 
     async def crash(self) -> None:
@@ -143,7 +143,7 @@ async def do(rig: Rig, step: Step) -> None:
                 stop_loss=90.0 if side == "long" else 110.0,
             )  # fmt: skip
             with contextlib.suppress(PositionExists):
-                g.add(spec, source="api")
+                await g.add(spec, source="api")
     elif kind == "outside":
         _, symbol, side, quantity = step
         assert isinstance(symbol, str) and isinstance(side, str) and isinstance(quantity, int)

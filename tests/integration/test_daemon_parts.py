@@ -59,12 +59,12 @@ async def daemon(tmp_path: Path) -> AsyncIterator[app.Daemon]:
 
 async def test_metrics_output_passes_promtool_check_metrics(daemon: app.Daemon) -> None:
     """The daemon's exposition, with guarded symbols and exits, is clean under `promtool check metrics`."""
-    daemon.guard_loop.add(
+    await daemon.guard_loop.add(
         PositionSpec("BOSCHLTD", Side.LONG, 10, 735.0, stop_loss=700.0), source="test"
     )
-    daemon.guard_loop.add(PositionSpec("ADANIENT", Side.SHORT, 5, 200.0), source="test")
+    await daemon.guard_loop.add(PositionSpec("ADANIENT", Side.SHORT, 5, 200.0), source="test")
     daemon.book.update("BOSCHLTD", 720.0, None, PriceSource.POLL, daemon.monotonic())
-    daemon.guard_loop.sweep()
+    await daemon.guard_loop.sweep()
     daemon.metrics.order_seconds.observe(0.05)
     daemon.port.publish(daemon.snapshot())  # the age collector reads the newest snapshot
     text = generate_latest(daemon.metrics.registry)
@@ -187,30 +187,33 @@ async def test_crashed_task_is_logged_counted_and_restarted(
 
 async def test_an_exit_the_journal_cannot_hold_is_not_sent(daemon: app.Daemon) -> None:
     """When the journal write fails, the exit is not sent and the daemon is told to stop (exit 1)."""
-    daemon.guard_loop.add(
+    await daemon.guard_loop.add(
         PositionSpec("BOSCHLTD", Side.LONG, 10, 735.0, stop_loss=700.0), source="test"
     )
     daemon.store.close()  # every write now fails
     daemon.book.update("BOSCHLTD", 690.0, None, PriceSource.POLL, daemon.monotonic())
     daemon.guard_loop.evaluate(["BOSCHLTD"])
-    assert daemon.guard_loop.fatal.is_set()
-    assert daemon.executor.in_flight() == 0  # no send task was started
+    async with asyncio.timeout(10):
+        await daemon.guard_loop.fatal.wait()
+    assert await daemon.executor.drain(10.0)  # its task ended at the journal...
+    (exit,) = daemon.guard.exits_in_flight()
+    assert exit.attempts == 0  # ...never sent
 
 
 async def test_trailing_stop_survives_a_restart(daemon: app.Daemon) -> None:
     """A ratcheted trailing stop is stored by the sweep and comes back tight after a restart."""
-    daemon.guard_loop.add(
+    await daemon.guard_loop.add(
         PositionSpec("TCS", Side.LONG, 1, 100.0, trailing_stop=5.0), source="test"
     )
     daemon.book.channel_up(PriceSource.LIVE, daemon.monotonic())
     daemon.book.update("TCS", 130.0, None, PriceSource.LIVE, daemon.monotonic())
     daemon.guard_loop.evaluate(["TCS"])
-    daemon.guard_loop.sweep()
+    await daemon.guard_loop.sweep()
     await daemon.session.close()
     daemon.store.close()
     again = await app.build(daemon.config)
     try:
-        again.guard_loop.recover([])
+        await again.guard_loop.recover([])
         position = again.guard.position("TCS")
         assert position is not None and position.trailing_level() == 125.0
     finally:

@@ -340,7 +340,7 @@ async def test_recover_settles_a_sent_exit_found_filled(
     """After a restart, an exit left sent whose fill exists is settled filled without sending."""
     cid = leave_exit(tmp_path, ExitState.SENT, filled=True)
     w = make_world()
-    positions = recover(w.guard, w.store, w.executor, w.now())
+    positions = await recover(w.guard, w.store.aio, w.executor, w.now())
     assert [p.state for p in positions] == [PositionState.EXITING]
     assert w.executor.in_flight() == 1
     first = await w.executor.first_outcome(cid)
@@ -360,7 +360,7 @@ async def test_recover_sends_a_pending_exit_once(tmp_path: Path, make_world: Fac
     """After a restart, an exit left pending with no order at the broker is sent exactly once."""
     cid = leave_exit(tmp_path, ExitState.PENDING, filled=False)
     w = make_world()
-    recover(w.guard, w.store, w.executor, w.now())
+    await recover(w.guard, w.store.aio, w.executor, w.now())
     assert (await w.executor.first_outcome(cid)).state is ExitState.FILLED
     assert await w.executor.drain(1.0)
 
@@ -442,7 +442,6 @@ async def test_a_crashed_driver_resumes_with_a_lookup(
     store.close()
 
 
-
 @pytest.mark.parametrize("state", [ExitState.PENDING, ExitState.SENT, ExitState.RETRY])
 async def test_recover_sends_an_exit_the_broker_never_got_once(
     tmp_path: Path, make_world: Factory, state: ExitState
@@ -455,7 +454,7 @@ async def test_recover_sends_an_exit_the_broker_never_got_once(
         store.update_exit(left.unavailable("timed out", 1e9), time.time())
         store.close()
     w = make_world()
-    recover(w.guard, w.store, w.executor, w.now())
+    await recover(w.guard, w.store.aio, w.executor, w.now())
     assert (await w.executor.first_outcome(cid)).state is ExitState.FILLED
     assert await w.executor.drain(1.0)
     assert [o.client_order_id for o in w.accepted] == [cid]

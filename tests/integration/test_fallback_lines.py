@@ -25,7 +25,7 @@ from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import ExitExecutor
 from tickguard.guard_loop import FALLBACK_LINES, REPEAT_EVERY, GuardLoop
 from tickguard.metrics import Metrics
-from tickguard.store import Store
+from tickguard.store import Store, run_now
 
 LIVE, POLL = PriceSource.LIVE, PriceSource.POLL
 ALWAYS_OPEN = MarketCalendar(UTC, (), frozenset(), frozenset(), always_open=True)
@@ -64,7 +64,7 @@ class Outage:
         """Move the clock on by `after` seconds, sweep; the `[FALLBACK]` lines it wrote."""
         self.clock.mono += after
         self.caplog.clear()
-        self.loop.sweep()
+        run_now(self.loop.sweep())  # on SQLite, a sweep never waits
         return [m for r in self.caplog.records if (m := r.getMessage()).startswith("[FALLBACK]")]
 
 
@@ -100,7 +100,7 @@ def guarded(outage: Outage, n: int) -> None:
     outage.symbols = [f"S{i:04d}" for i in range(n)]
     for symbol in outage.symbols:
         spec = PositionSpec(symbol, Side.LONG, 1.0, 500.0, stop_loss=100.0, take_profit=900.0)
-        outage.loop.add(spec, source="test")
+        run_now(outage.loop.add(spec, source="test"))
     outage.prices(LIVE)
     assert outage.sweep() == []
 

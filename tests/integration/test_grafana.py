@@ -44,7 +44,7 @@ GRAFANA_VARIABLES = {
     "$__range": "1h",
     "$instance": ".*",
 }
-ALERTS = {  # issue 5's alerts (and one more), issue 11's and issue 14's, with their severity
+ALERTS = {  # issues 5 (and one more), 11 and 14, and SPEC 9's leadership, with their severity
     "TickguardDown": "critical",
     "TickguardFeedDisconnected": "warning",
     "TickguardPricesStale": "critical",
@@ -59,6 +59,8 @@ ALERTS = {  # issue 5's alerts (and one more), issue 11's and issue 14's, with t
     "TickguardBrokerPositionsUnguarded": "critical",
     "TickguardReconcileStale": "warning",
     "TickguardSafetyNetUncovered": "warning",
+    "TickguardNoLeader": "critical",
+    "TickguardMultipleLeaders": "critical",
 }
 MARKET_HOURS_ONLY = {
     "TickguardFeedDisconnected",
@@ -346,6 +348,8 @@ async def test_dashboard_metrics_are_exported_by_the_daemon(tmp_path: Path) -> N
         # SPEC 10, the broker-held safety net (and its enabled gauge)
         "tickguard_safety_net_positions", "tickguard_safety_net_failures_total",
         "tickguard_safety_net_enabled",
+        # SPEC 9, high availability
+        "tickguard_leader", "tickguard_leader_changes_total",
     }  # fmt: skip
     assert spec <= used, sorted(spec - used)
 

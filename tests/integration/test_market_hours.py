@@ -24,7 +24,7 @@ from tickguard.core.prices import PriceBook, PriceSource
 from tickguard.executor import ExitExecutor
 from tickguard.guard_loop import GuardLoop
 from tickguard.metrics import Metrics
-from tickguard.store import Store
+from tickguard.store import Store, run_now
 
 IST = zoneinfo.ZoneInfo("Asia/Kolkata")
 HOLIDAY = date(2026, 12, 3)  # a Thursday
@@ -67,7 +67,7 @@ class World:
 
     def sweep(self, when: datetime) -> None:
         self.clock.at(when)
-        self.guard_loop.sweep()
+        run_now(self.guard_loop.sweep())  # on SQLite, a sweep never waits
 
     def exits(self) -> int:
         return len(self.store.exits())
@@ -95,7 +95,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     executor.listener = guard_loop.on_exit
     w = World(clock, book, guard_loop, executor, store)
     w.clock.at(datetime(2026, 12, 2, 8, 0, tzinfo=IST))
-    guard_loop.add(SPEC, source="test")
+    await guard_loop.add(SPEC, source="test")
     yield w
     await executor.drain(5.0)
     await executor.cancel_all()

@@ -351,7 +351,7 @@ scrape_configs:
         return rules if rules and all(r.get("health") == "ok" for r in rules) else None
 
     rules = await until(rules_healthy, "every rule evaluated without error")
-    assert len(rules) == 14
+    assert len(rules) == 16
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["name"]
         assert rule["annotations"]["runbook_url"].endswith(f"#{rule['name'].lower()}")

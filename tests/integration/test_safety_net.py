@@ -25,7 +25,7 @@ from tickguard.errors import BrokerRejected, BrokerUnavailable
 from tickguard.executor import ExitExecutor
 from tickguard.metrics import Metrics
 from tickguard.safety_net import SafetyNet
-from tickguard.store import Store
+from tickguard.store import Store, run_now
 
 LONG = PositionSpec("LONGCO", Side.LONG, 10.0, 100.0, stop_loss=95.0)
 SHORT = PositionSpec("SHORTCO", Side.SHORT, 4.0, 200.0, stop_loss=210.0)
@@ -146,7 +146,7 @@ class World:
             monotonic=self.clock.mono,
             wall=self.clock.wall,
         )
-        net.load()
+        run_now(net.load())
         return net
 
 
@@ -171,7 +171,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     )
     w = World(clock, store, book, guard, broker, registry, net)
     net.on_fired = lambda: w.fired.append(clock.mono())
-    net.load()
+    await net.load()
     yield w
     store.close()
 

@@ -132,6 +132,7 @@ EXPECTED_DEFAULTS: dict[str, dict[str, object]] = {
         "products": ["I", "D", "MTF"],
     },
     "safety_net": {"enabled": False, "margin_pct": 1.0},  # SPEC 10
+    "store": {"url": "", "takeover_settle": 12.0},  # SPEC 9
 }
 
 
@@ -171,6 +172,7 @@ def expected_config(url: str = URL, state_dir: Path = Path("/var/lib/tickguard")
         upstox=cfg.UpstoxConfig("https://api.upstox.com", "https://api-hft.upstox.com", "", "I"),
         account=cfg.AccountConfig("config", 5.0, 60.0, ("I", "D", "MTF")),
         safety_net=cfg.SafetyNetConfig(enabled=False, margin_pct=1.0),
+        store=cfg.StoreConfig("", 12.0),
     )
 
 
@@ -424,6 +426,17 @@ def test_accepted_value(dotted: str, value: object, attribute: str, parsed: obje
     assert node == parsed
 
 
+def test_a_shared_store_with_a_broker_every_instance_reaches() -> None:
+    """A postgresql:// store (SPEC 9) with Upstox; with the paper broker, refused."""
+    url = "postgresql://tg@db.example:5433/tickguard?connect_timeout=5"
+    data = build(store__url=url, broker__kind="upstox")
+    data["upstox"] = {"token_file": "/run/credentials/upstox-token"}
+    assert parse_config(data, env=NO_ENV).store == cfg.StoreConfig(url)
+    (problem,) = problems(build(store__url=url))
+    assert (problem.key, problem.value) == ("broker.kind", "paper")
+    assert "one process" in problem.expected
+
+
 def test_empty_sessions_fine_when_always_open() -> None:
     """An always-open market needs no sessions or weekdays."""
     data = build(market__always_open=True, market__sessions=[], market__weekdays=[])
@@ -546,6 +559,15 @@ BROKEN: list[tuple[str, object, str, object]] = [
     ("safety_net.margin_pct", 50, "safety_net.margin_pct", 50),
     ("safety_net.margin_pct", math.nan, "safety_net.margin_pct", math.nan),
     ("safety_net.margin", 1.0, "safety_net.margin", 1.0),
+    ("store.url", "mysql://db/x", "store.url", "mysql://db/x"),
+    ("store.url", "postgresql:///local", "store.url", "postgresql:///local"),
+    (
+        "store.url",
+        "postgresql://u:hunter2@db:99999/x",
+        "store.url",
+        "postgresql://u:***@db:99999/x",
+    ),
+    ("store.url", 5, "store.url", 5),
     ("rules", {"symbols": ["*"]}, "rules", {"symbols": ["*"]}),
 ]
 

@@ -304,7 +304,7 @@ def test_cli_page_documents_every_command_and_option() -> None:
 LOG_METHODS = frozenset({"debug", "info", "warning", "error", "critical", "exception", "log"})
 PREFIX = re.compile(r"\[([A-Z]+(?: [A-Z]+)*|%s)\] ")
 # The prefixes of the external contract: they never change.
-FIXED = ("DNS", "RECONNECT", "FALLBACK", "SL", "TP", "TRAIL", "BLIND", "EXIT", "ACCOUNT")
+FIXED = ("DNS", "RECONNECT", "FALLBACK", "SL", "TP", "TRAIL", "BLIND", "EXIT", "ACCOUNT", "HA")
 # `[%s]` is a trigger's tag (guard_loop): the exit reasons `check_triggers` decides.
 TRIGGER_TAGS = {
     Trigger(reason, 1.0, 1.0).log_tag

@@ -96,7 +96,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 async def test_a_read_that_answers_after_a_later_one_is_not_acted_on(rig: Rig) -> None:
     """Two reads in flight: the later one answers first and is acted on; the earlier one,
     answering after it, changes neither the view nor a guarded position."""
-    rig.guard_loop.add(PositionSpec("A", Side.LONG, 10, 100.0, stop_loss=90.0), source="test")
+    await rig.guard_loop.add(PositionSpec("A", Side.LONG, 10, 100.0, stop_loss=90.0), source="test")
     earlier = asyncio.create_task(rig.reconciler.reconcile(5.0))
     await rig.started(1)
     later = asyncio.create_task(rig.reconciler.reconcile(5.0))
@@ -117,7 +117,7 @@ async def test_a_read_that_answers_after_a_later_one_is_not_acted_on(rig: Rig) -
 async def test_an_exit_is_sized_from_a_read_started_after_it_was_decided(rig: Rig) -> None:
     """A periodic read in flight when a stop crosses answers last, with the account as it
     was before the bot halved the position: the exit is sized from the read made for it."""
-    rig.guard_loop.add(PositionSpec("A", Side.LONG, 10, 100.0, stop_loss=90.0), source="test")
+    await rig.guard_loop.add(PositionSpec("A", Side.LONG, 10, 100.0, stop_loss=90.0), source="test")
     first = asyncio.create_task(rig.reconciler.reconcile(5.0))
     await rig.started(1)
     rig.broker.reads[0].set_result([Holding("A", 10.0, 100.0, "I")])

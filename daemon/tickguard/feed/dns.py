@@ -29,10 +29,10 @@ import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from tickguard.config import DnsConfig, Nameserver
-from tickguard.errors import FeedError
+from tickguard.errors import FeedError, StoreError
 from tickguard.metrics import Metrics
 from tickguard.status import DnsStatus
-from tickguard.store import Store
+from tickguard.store import AsyncStore, Store, as_async
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,13 @@ class ResolverChain:
     def __init__(
         self,
         config: DnsConfig,
-        store: Store | None,
+        store: Store | AsyncStore | None,
         metrics: Metrics,
         *,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self._store = store
+        self._store = as_async(store) if store is not None else None
         self._metrics = metrics
         self._wall = wall
         self.primary_failed = False
@@ -93,7 +93,7 @@ class ResolverChain:
                 if self.primary_failed:
                     log.info("[DNS] %s answers for %s again", primary_name, host)
                 self.primary_failed = False
-                return self._found(host, Resolved(addresses, PRIMARY, primary_name), failures)
+                return await self._found(host, Resolved(addresses, PRIMARY, primary_name), failures)
         if self.config.fallback_servers:
             try:
                 addresses, server = await _query(
@@ -104,26 +104,31 @@ class ResolverChain:
                 failures.append(f"fallback resolvers failed for {host}: {exc.detail}")
             else:
                 self._count(FALLBACK, ok=True)
-                return self._found(host, Resolved(addresses, FALLBACK, server), failures)
-        known = self._store.known_addresses(host) if self._store is not None else None
+                return await self._found(host, Resolved(addresses, FALLBACK, server), failures)
+        known = await self._store.known_addresses(host) if self._store is not None else None
         if known:
             self._count(LAST_KNOWN_GOOD, ok=True)
             addresses_lkg, at = known
             age = max(0.0, self._wall() - at)
             via = f"last-known-good address ({_age(age)} old)"
-            return self._found(host, Resolved(tuple(addresses_lkg), LAST_KNOWN_GOOD, via), failures)
+            return await self._found(
+                host, Resolved(tuple(addresses_lkg), LAST_KNOWN_GOOD, via), failures
+            )
         self._count(LAST_KNOWN_GOOD, ok=False)
         self.last_error = "; ".join(failures) or f"no address known for {host}"
         log.warning("[DNS] %s; no last-known-good address", self.last_error)
         raise FeedError("dns", self.last_error)
 
-    def _found(self, host: str, resolved: Resolved, failures: list[str]) -> Resolved:
+    async def _found(self, host: str, resolved: Resolved, failures: list[str]) -> Resolved:
         if resolved.stage != PRIMARY:
             self._metrics.dns_fallbacks.inc()
             if failures:
                 log.warning("[DNS] %s; resolved via %s", "; ".join(failures), resolved.via)
         if resolved.stage in (PRIMARY, FALLBACK) and self._store is not None:
-            self._store.remember_addresses(host, list(resolved.addresses), self._wall())
+            try:
+                await self._store.remember_addresses(host, list(resolved.addresses), self._wall())
+            except StoreError as exc:  # a standby may not write the shared store: not kept
+                log.debug("[DNS] %s not kept as last-known-good: %s", host, exc)
         self.last = resolved
         self.last_error = "; ".join(failures)
         return resolved
