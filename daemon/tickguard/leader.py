@@ -19,8 +19,9 @@ probe fails or takes longer than PROBE_TIMEOUT, which is well before
 PostgreSQL, with the server settings of docs/ha.md, ends the session of an
 unreachable peer and lets a standby in. What a stale leader may still have
 on its way is an order whose `sent` was journalled before it lost the lock:
-the new leader looks such an exit up only once ORDER_SETTLE has passed since
-that write (the old leader's broker call is bounded by its order timeout).
+the new leader looks such an exit up only once `[store] takeover_settle` has
+passed since that write (the old leader's broker call is bounded by its order
+timeout).
 """
 
 from __future__ import annotations
