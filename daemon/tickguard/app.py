@@ -14,7 +14,6 @@ restarts it: positions are never left unguarded silently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import random
@@ -383,8 +382,10 @@ async def _serve(d: Daemon, stop: asyncio.Event) -> int:
     await asyncio.gather(*d.tasks, return_exceptions=True)
     await d.executor.cancel_all()
     if d.guard_loop.guarding:
-        with contextlib.suppress(StoreError):  # a lost lead: the store refuses, as it should
+        try:
             await d.guard_loop.save_all()
+        except StoreError as exc:  # a lost lead's store refuses, as it should
+            log.error("trailing anchors not saved at shutdown: %s", exc)
     gc.unfreeze()  # a process that runs daemons in turn (the tests) collects each one whole
     return code
 
