@@ -133,6 +133,13 @@ def render_health(h: dict[str, Any]) -> str:
         lines.append(
             f"            NOT ARMED (the state store was lost): {', '.join(pos['held_back'])}"
         )
+    ha = h.get("ha")
+    if ha:  # docs/ha.md
+        leader = "this instance" if ha.get("role") == "leader" else ha.get("leader") or "unknown"
+        lines.append(
+            f"  ha        {ha.get('role')} ({ha.get('instance')}); leader: {leader},"
+            f" epoch {ha.get('epoch')}"
+        )
     net = h.get("safety_net", {})
     if net.get("enabled"):  # docs/safety-net.md
         lines.append(
