@@ -231,3 +231,20 @@ async def test_an_unreachable_postgresql_is_a_store_error() -> None:
     url = f"postgresql://tickguard@127.0.0.1:{port}/postgres?connect_timeout=2"
     with pytest.raises(StoreError, match="cannot open the state store"):
         await PostgresStore.open(url)
+
+
+async def test_postgresql_reads_survive_the_reader_ending(pg_url: str) -> None:
+    """Reads use a connection of their own, which the server may end (an idle_session_timeout):
+    the next read connects again; writes stay on the session connection."""
+    pg = await PostgresStore.open(pg_url)
+    try:
+        await pg.add_position(SPEC, WALL)
+        assert [p.symbol for p in await pg.positions()] == ["INFY"]  # on the reader
+        reader = pg._pg._reader.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (reader,))
+        assert [p.symbol for p in await pg.positions()] == ["INFY"]
+        assert pg._pg._reader.info.backend_pid != reader
+        await pg.audit("still", {}, WALL)  # the session connection was left alone
+    finally:
+        await pg.close()
