@@ -79,15 +79,28 @@ class ExitExecutor:
     def submit(self, decided: ExitDecided) -> None:
         """Journal a new exit (durably), then start sending it.
 
-        On SQLite the journal is written before this returns (StoreError if it cannot
-        be: nothing is sent); a store that must be awaited (PostgreSQL) is written by
-        the exit's task, before anything else it does (`on_journal_failure` if not)."""
+        On SQLite the journal is written before this returns; a store that must be
+        awaited (PostgreSQL) is written by the exit's task, before anything else it
+        does. Either way, an exit the journal cannot hold is never sent
+        (`on_journal_failure`)."""
         cid = decided.exit.client_order_id
-        if self.store.immediate:
-            run_now(self.store.journal_exit(decided.exit, decided.position, self._wall()))
-            self._start(cid, lookup_first=False)
-        else:
+        if not self.store.immediate:
             self._start(cid, lookup_first=False, journal=decided)
+            return
+        try:
+            run_now(self.store.journal_exit(decided.exit, decided.position, self._wall()))
+        except StoreError as exc:
+            self._journal_failed(decided.exit, exc)
+            return
+        self._start(cid, lookup_first=False)
+
+    def _journal_failed(self, exit: Exit, exc: StoreError) -> None:
+        # Never send an exit the journal does not hold: after a restart it would not be
+        # reconciled. The guard loop stops the daemon (exit 1: systemd restarts it from
+        # what the store holds).
+        log.critical("[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc)
+        if self.on_journal_failure is not None:
+            self.on_journal_failure(exit, exc)
 
     def resume(self, client_order_id: str, after: float = 0.0) -> None:
         """Continue an exit recovered from the journal: look it up (`after` seconds from now)
@@ -168,13 +181,7 @@ class ExitExecutor:
             try:
                 await self.store.journal_exit(journal.exit, journal.position, self._wall())
             except StoreError as exc:
-                # Never send an exit the journal does not hold: after a restart it would
-                # not be reconciled.
-                log.critical(
-                    "[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc
-                )
-                if self.on_journal_failure is not None:
-                    self.on_journal_failure(exit, exc)
+                self._journal_failed(exit, exc)
                 return
         if lookup:  # resumed after a crash (of the process or of a driver)
             resumed = self.guard.exit_recovered(cid)

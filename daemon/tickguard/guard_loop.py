@@ -390,13 +390,8 @@ class GuardLoop:
             )
         else:
             log.warning("[EXIT] %s: manual close requested (%s)", exit.symbol, exit.reason.value)
-        try:
-            self.executor.submit(event)  # journalled (durably) before it is sent
-        except StoreError as exc:
-            # Never send an exit the journal does not hold: after a restart it would
-            # not be reconciled. Exit so systemd restarts us from the store's state.
-            log.critical("[EXIT] %s: cannot journal the exit, not sending it: %s", exit.symbol, exc)
-            self.fatal.set()
+        self.executor.submit(event)  # journalled (durably) before it is sent; if it cannot be,
+        # never sent, and `fatal` is set (the executor's on_journal_failure)
 
     def on_sent(self, exit: Exit) -> None:
         """An exit handed to the broker for the first time (the executor's hook): counted in
