@@ -390,8 +390,9 @@ class GuardLoop:
             )
         else:
             log.warning("[EXIT] %s: manual close requested (%s)", exit.symbol, exit.reason.value)
-        self.executor.submit(event)  # journalled (durably) before it is sent; if it cannot be,
-        # never sent, and `fatal` is set (the executor's on_journal_failure)
+        # Journalled (durably) before it is sent; an exit the journal cannot hold is never
+        # sent, and `fatal` is set (the executor's on_journal_failure).
+        self.executor.submit(event)
 
     def on_sent(self, exit: Exit) -> None:
         """An exit handed to the broker for the first time (the executor's hook): counted in
