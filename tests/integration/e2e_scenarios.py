@@ -552,8 +552,10 @@ QUICK = Params(
     crossings=10,
     crossing_gap=0.1,
     # Short bounds for the fault scenarios. A pong waits behind every byte the socket holds
-    # when it is sent: ping_timeout must outlast a throughput run's backlog.
-    timeouts=FeedTimeouts(ping_interval=1.0, ping_timeout=3.0, silence_timeout=1.5),
+    # when it is sent: ping_timeout must outlast a throughput run's backlog. So must the
+    # silence timeout a stall of the daemon's loop on a loaded machine (1.5 s once fired in
+    # the middle of a throughput run on CI, and the run was lost).
+    timeouts=FeedTimeouts(ping_interval=1.0, ping_timeout=3.0, silence_timeout=3.0),
 )
 
 
