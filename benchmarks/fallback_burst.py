@@ -36,10 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 
+from from_tests import finish
 from prometheus_client import CollectorRegistry
 
 from tickguard import cli
@@ -95,18 +96,6 @@ def install(handler: str) -> Callable[[], None]:
         logging.handlers.QueueListener(records, target).start()  # a daemon thread
         return records.join
     return lambda: None
-
-
-def finish(call: object) -> None:
-    """Run the guard loop's sweep to its end: a coroutine since the store has two backends
-    (on SQLite it never waits, so its first step ends it), a plain call in older checkouts."""
-    if isinstance(call, Coroutine):
-        try:
-            call.send(None)
-        except StopIteration:
-            return
-        call.close()
-        raise RuntimeError("the sweep waited")
 
 
 class Rig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
 from types import ModuleType
 
@@ -18,3 +19,15 @@ def load(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
     return module
+
+
+def finish(call: object) -> None:
+    """Run the guard loop's sweep to its end: a coroutine since the store has two backends
+    (on SQLite it never waits, so its first step ends it), a plain call in older checkouts."""
+    if isinstance(call, Coroutine):
+        try:
+            call.send(None)
+        except StopIteration:
+            return
+        call.close()
+        raise RuntimeError("the sweep waited")

@@ -32,10 +32,11 @@ import random
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 
+from from_tests import finish
 from prometheus_client import CollectorRegistry
 
 from tickguard.brokers.paper import PaperBroker
@@ -80,18 +81,6 @@ def make_frames(
         )
         frames.append(json.dumps(message))
     return frames
-
-
-def finish(call: object) -> None:
-    """Run the guard loop's sweep to its end: a coroutine since the store has two backends
-    (on SQLite it never waits, so its first step ends it), a plain call in older checkouts."""
-    if isinstance(call, Coroutine):
-        try:
-            call.send(None)
-        except StopIteration:
-            return
-        call.close()
-        raise RuntimeError("the sweep waited")
 
 
 class Rig:
